@@ -1,0 +1,1943 @@
+/* llmkv.h - v0.1.0 - paged key/value cache for LLM inference - MIT or public domain
+
+   llmkv gives an inference engine vLLM-class KV-cache management in one C
+   header: a pool of fixed-size pages, per-sequence page tables, copy-on-write
+   fork and rollback, batch descriptors in the layouts that FlashInfer,
+   FlashAttention and vLLM kernels take, statistics, a memory planner and an
+   invariant checker. Memory is held in proportion to the tokens actually
+   stored, never to a maximum length. No dependency beyond the C library.
+
+   HOW TO INCLUDE
+
+       Do this in *one* C or C++ file:
+
+           #define LLMKV_IMPLEMENTATION
+           #include "llmkv.h"
+
+       Every other file includes "llmkv.h" without the define. To keep all
+       functions private to one translation unit, also define LLMKV_STATIC
+       there (then only that file may use the library).
+
+   OPTIONS
+
+       Define before including. "All" means every file that includes the
+       header must agree; "impl" means only the implementation file reads it.
+
+       LLMKV_STATIC      impl  all public functions become `static`.
+       LLMKV_API         all   linkage of public functions (default: extern).
+       LLMKV_MALLOC(sz)  impl  fallback allocator used when a descriptor
+       LLMKV_FREE(p)     impl  names none; define both or neither
+                               (default: malloc/free). The library aligns
+                               the pointers itself, to 64 bytes.
+       LLMKV_ASSERT(x)   impl  internal-invariant assertion (default:
+                               assert). Never used to check caller input.
+
+   MANUAL
+
+       A *cache* holds the K and V vectors of one model (or of one shard of
+       its KV heads). Its memory is a pool of *pages*; a page holds
+       `page_size` token slots for every layer, K and V, every KV head, in one
+       contiguous span of `page_bytes`:
+
+           page = [layer][K | V][kv_head][slot][dim]   then each layer's
+                                                       quantisation scales
+
+       so one (layer, K|V, head) of a page is `page_size` consecutive vectors.
+       llmkv_cache_layout() reports every offset and stride, so external
+       kernels can address any vector.
+
+       A *sequence* is a handle { uint32_t id } (slot + generation: a freed
+       handle is rejected). It owns a length and a *page table*, the ordered
+       ids of the pages that hold its tokens. Pages have reference counts;
+       fork shares every page, and a page referenced twice is read-only:
+       whichever sequence writes into it first gets a private copy
+       (copy-on-write).
+
+       The loop an engine writes:
+
+           llmkv_desc d;
+           memset(&d, 0, sizeof d);                  // zero means default
+           d.n_layers = 32; d.n_kv_heads = 8; d.head_dim = 128;
+           d.capacity_bytes = (uint64_t)4 << 30;     // or d.n_pages
+           llmkv_cache* kv;
+           if (llmkv_cache_create(&d, &kv) != LLMKV_OK) ...
+
+           llmkv_seq s;
+           llmkv_seq_create(kv, &s);
+           // per step: make room for n tokens in every layer at once ...
+           llmkv_reserve(kv, s, n);
+           for (layer = 0; layer < 32; ++layer) {
+               // ... project q, k, v for the n new tokens, then store k, v
+               llmkv_put(kv, s, layer, n, k, 0, v, 0, LLMKV_DTYPE_F32);
+               // ... attend over positions [0, length) (llmkv_gather, or a
+               // kernel driven by an llmkv_batch)
+           }
+           llmkv_seq_free(kv, s);
+           llmkv_cache_destroy(kv);
+
+       Every fallible function returns llmkv_result: LLMKV_OK (0) or a
+       negative code (llmkv_result_string() names it). A failed call leaves
+       the cache exactly as it was. After creation the cache allocates
+       nothing: page tables, the free list and every other structure are
+       sized from the descriptor up front.
+
+       Storage modes. By default pages and metadata come from the allocator
+       (llmkv_allocator, or LLMKV_MALLOC). llmkv_cache_create_in() places
+       the whole cache inside one caller buffer (llmkv_cache_memory_size()
+       says how large) and never allocates at all. LLMKV_STORAGE_METADATA_ONLY
+       keeps no page bytes: a GPU backend owns them, and every copy the
+       manager decides is queued as an llmkv_copy_cmd for it to execute.
+
+   THREAD SAFETY
+
+       A cache is not internally locked: calls that change a cache must not
+       run concurrently with any other call on the same cache. Read-only
+       calls (those taking `const llmkv_cache*`) may run concurrently with
+       each other. Distinct caches are independent. Each function states its
+       rule.
+
+   LICENSE: see the end of this file.
+*/
+#ifndef LLMKV_H
+#define LLMKV_H
+
+#define LLMKV_VERSION_MAJOR 0
+#define LLMKV_VERSION_MINOR 1
+#define LLMKV_VERSION_PATCH 0
+#define LLMKV_VERSION_STRING "0.1.0"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifndef LLMKV_API
+#ifdef LLMKV_STATIC
+#define LLMKV_API static
+#else
+#define LLMKV_API extern
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Results                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Result of every fallible call. Codes are grouped by kind:
+   -1..-19 bad arguments, -20..-39 capacity, -40..-59 state,
+   -60..-79 I/O and format, -80..-99 device, -100.. unsupported. */
+typedef enum llmkv_result {
+    LLMKV_OK = 0,
+
+    LLMKV_ERR_INVALID_ARGUMENT = -1,  /* a parameter is null, zero or out of its domain */
+    LLMKV_ERR_OUT_OF_RANGE = -2,      /* a layer, position or count past the end */
+    LLMKV_ERR_STALE_HANDLE = -3,      /* a sequence handle that is freed or was never valid */
+    LLMKV_ERR_BUFFER_TOO_SMALL = -4,  /* a caller buffer or stride smaller than required */
+    LLMKV_ERR_MISALIGNED = -5,        /* a caller buffer without the required alignment */
+
+    LLMKV_ERR_OUT_OF_MEMORY = -20,        /* the allocator returned NULL */
+    LLMKV_ERR_OUT_OF_PAGES = -21,         /* not enough free pages for the request */
+    LLMKV_ERR_TOO_MANY_SEQUENCES = -22,   /* every sequence slot is in use */
+    LLMKV_ERR_SEQUENCE_TOO_LONG = -23,    /* the request passes desc.max_seq_len */
+    LLMKV_ERR_COPY_QUEUE_FULL = -24,      /* metadata-only: pending page copies fill the queue */
+    LLMKV_ERR_BATCH_FULL = -25,           /* more sequences or tokens than the batch holds */
+
+    LLMKV_ERR_STALE_BATCH = -40,      /* a sequence in the batch changed after it was built */
+    LLMKV_ERR_NO_PAGE_DATA = -41,     /* a data call on a metadata-only cache */
+    LLMKV_ERR_CORRUPT = -42,          /* the invariant checker found an inconsistency */
+
+    LLMKV_ERR_UNSUPPORTED = -100      /* a valid request this build or type cannot serve */
+} llmkv_result;
+
+/* Name and meaning of a result code, as a static string; never NULL.
+   Thread safety: any thread. */
+LLMKV_API const char* llmkv_result_string(llmkv_result result);
+
+/* Library version as "major.minor.patch" (same as LLMKV_VERSION_STRING).
+   Thread safety: any thread. */
+LLMKV_API const char* llmkv_version(void);
+
+/* ------------------------------------------------------------------------ */
+/* Configuration                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* Element type of stored K or V vectors (and of caller buffers). */
+typedef enum llmkv_dtype {
+    LLMKV_DTYPE_DEFAULT = 0,  /* storage: F16; caller buffers: see each call */
+    LLMKV_DTYPE_F32 = 1,      /* IEEE binary32 */
+    LLMKV_DTYPE_F16 = 2,      /* IEEE binary16 */
+    LLMKV_DTYPE_BF16 = 3      /* bfloat16: the high half of a binary32 */
+} llmkv_dtype;
+
+/* Where page bytes live. */
+typedef enum llmkv_storage {
+    LLMKV_STORAGE_DEFAULT = 0,        /* host memory (from the allocator, or the
+                                         caller's buffer with llmkv_cache_create_in) */
+    LLMKV_STORAGE_METADATA_ONLY = 1   /* no page bytes: a device backend owns them */
+} llmkv_storage;
+
+typedef enum llmkv_log_level {
+    LLMKV_LOG_ERROR = 0,  /* a call failed; the message says why */
+    LLMKV_LOG_WARN = 1,
+    LLMKV_LOG_INFO = 2
+} llmkv_log_level;
+
+/* Memory callbacks. `alloc` returns `size` bytes aligned to `align` (a power
+   of two, at most 4096) or NULL; `free` releases a pointer `alloc` returned,
+   with the same size. Both or neither must be set. */
+typedef struct llmkv_allocator {
+    void* (*alloc)(size_t size, size_t align, void* user);
+    void (*free)(void* ptr, size_t size, void* user);
+    void* user;
+} llmkv_allocator;
+
+/* Log callback: called with a one-line, NUL-terminated message when a call
+   fails for a reason its result code alone does not say. The library never
+   prints by itself. */
+typedef struct llmkv_logger {
+    void (*fn)(void* user, llmkv_log_level level, const char* message);
+    void* user;
+} llmkv_logger;
+
+/* Cache descriptor. Zero-initialise, then set the required fields; every
+   zero field takes the default its comment states. */
+typedef struct llmkv_desc {
+    uint32_t n_layers;      /* required: 1..65536 */
+    uint32_t n_kv_heads;    /* required: 1..65536 (the KV heads of this shard) */
+    uint32_t head_dim;      /* required: elements per head vector, 1..512 */
+    uint32_t page_size;     /* token slots per page, 1..1024; default 16 */
+    uint32_t n_pages;       /* capacity in pages; or 0 to use capacity_bytes */
+    uint64_t capacity_bytes;/* capacity as a budget of page bytes (rounded down
+                               to whole pages) when n_pages is 0. When both are
+                               0: llmkv_cache_create_in fills its buffer;
+                               llmkv_cache_create fails. */
+    llmkv_dtype k_dtype;    /* K storage type; default F16 */
+    llmkv_dtype v_dtype;    /* V storage type; default F16 */
+    llmkv_storage storage;  /* default: host memory */
+    uint32_t max_seqs;      /* live sequences at once, 1..1048575; default 256 */
+    uint32_t max_seq_len;   /* tokens per sequence; default (and at most)
+                               n_pages * page_size. Page tables are sized from it. */
+    uint32_t max_pending_copies; /* metadata-only: copy-command queue length;
+                                    default n_pages */
+    llmkv_allocator allocator;   /* default: LLMKV_MALLOC / LLMKV_FREE */
+    llmkv_logger logger;         /* default: silent */
+} llmkv_desc;
+
+/* Where one part (K or V) of one layer sits inside a page. Offsets are from
+   the start of the layer's block; strides are in bytes. The vector of
+   (page p, layer l, head h, slot s) starts at
+       pool + p * page_bytes + l * layer_stride + offset + h * head_stride
+            + s * slot_stride
+   and its elements are `dtype`. Types without scales report 0 for the
+   scale fields. */
+typedef struct llmkv_part_layout {
+    llmkv_dtype dtype;
+    uint32_t elem_bytes;        /* bytes per element */
+    uint64_t offset;            /* first byte of head 0, slot 0 */
+    uint64_t head_stride;       /* = page_size * slot_stride */
+    uint64_t slot_stride;       /* bytes of one head vector */
+    uint64_t bytes;             /* n_kv_heads * head_stride */
+    uint64_t scale_offset;      /* quantised types: first scale byte */
+    uint64_t scale_head_stride;
+    uint64_t scale_slot_stride;
+    uint64_t scale_bytes;
+} llmkv_part_layout;
+
+/* The whole page geometry. Every region starts on a 64-byte boundary and
+   page_bytes is a multiple of 64. */
+typedef struct llmkv_layout {
+    uint32_t n_layers, n_kv_heads, head_dim, page_size;
+    uint64_t page_bytes;    /* one page: n_layers * layer_stride */
+    uint64_t layer_stride;  /* bytes from layer l's block to layer l+1's */
+    llmkv_part_layout k, v;
+} llmkv_layout;
+
+/* ------------------------------------------------------------------------ */
+/* Cache                                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct llmkv_cache llmkv_cache;
+
+/* Sequence handle: a slot index and a generation packed in `id`. The zero
+   handle is never valid. */
+typedef struct llmkv_seq { uint32_t id; } llmkv_seq;
+
+/* Creates a cache. Page memory and all metadata come from desc->allocator
+   (or LLMKV_MALLOC) now and never later.
+   desc: read only, not kept. out: receives the cache, owned by the caller
+   (llmkv_cache_destroy). Returns LLMKV_ERR_INVALID_ARGUMENT for a bad
+   descriptor (the logger says which field), LLMKV_ERR_OUT_OF_MEMORY if an
+   allocation fails (everything allocated so far is released).
+   Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_cache_create(const llmkv_desc* desc, llmkv_cache** out);
+
+/* Bytes a cache for `desc` needs inside a caller buffer (pages, metadata and
+   alignment slack), for llmkv_cache_create_in. When desc sets no capacity,
+   `size` is the footprint without pages and per_page receives the bytes one
+   more page costs; per_page may be NULL. Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_cache_memory_size(const llmkv_desc* desc, size_t* size,
+                                               size_t* per_page);
+
+/* Creates a cache entirely inside `memory` (`size` bytes, any alignment),
+   which the caller owns and must keep until llmkv_cache_destroy. Never calls
+   an allocator. When desc sets no capacity, as many pages as fit are made.
+   Returns LLMKV_ERR_BUFFER_TOO_SMALL when the buffer cannot hold the cache
+   (or a single page). Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_cache_create_in(const llmkv_desc* desc, void* memory, size_t size,
+                                             llmkv_cache** out);
+
+/* Releases the cache and everything it allocated; handles and batches of it
+   become invalid (destroy batches first). NULL is ignored.
+   Thread safety: no other call on this cache may be running. */
+LLMKV_API void llmkv_cache_destroy(llmkv_cache* cache);
+
+/* Copies the effective descriptor (defaults filled in, n_pages resolved).
+   Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_cache_desc(const llmkv_cache* cache, llmkv_desc* out);
+
+/* Reports the page geometry. Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_cache_layout(const llmkv_cache* cache, llmkv_layout* out);
+
+/* Computes the page geometry `desc` would produce, without creating a cache.
+   Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_layout_for(const llmkv_desc* desc, llmkv_layout* out);
+
+/* Base of the page pool and its size in bytes (page p starts at
+   base + p * page_bytes). A metadata-only cache reports NULL and the size
+   the device pool must have. Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_cache_pool(const llmkv_cache* cache, void** base, uint64_t* bytes);
+
+/* ------------------------------------------------------------------------ */
+/* Sequences                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Starts an empty sequence. Returns LLMKV_ERR_TOO_MANY_SEQUENCES when
+   desc.max_seqs are live. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out);
+
+/* Ends a sequence: each of its pages loses one reference and returns to the
+   free list when none remain. The handle becomes stale.
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq);
+
+/* Number of token positions the sequence holds (reserved slots included).
+   Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_seq_length(const llmkv_cache* cache, llmkv_seq seq, uint32_t* length);
+
+/* Copies the sequence's page table (page ids, position p is in page
+   table[p / page_size]) into `pages` (capacity `max_pages`); *n_pages
+   receives its length. LLMKV_ERR_BUFFER_TOO_SMALL if it does not fit
+   (*n_pages still receives the length). Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, uint32_t* pages,
+                                       uint32_t max_pages, uint32_t* n_pages);
+
+/* Extends a sequence by n_tokens positions in every layer at once, taking
+   free pages as needed and copying a shared tail page before it can be
+   written (copy-on-write). The new slots hold unspecified bytes until
+   llmkv_put writes them. All or nothing: LLMKV_ERR_OUT_OF_PAGES,
+   LLMKV_ERR_SEQUENCE_TOO_LONG or LLMKV_ERR_COPY_QUEUE_FULL change nothing.
+   n_tokens 0 is a no-op. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
+
+/* llmkv_reserve for several sequences in one transaction: either every
+   sequence grows by its n_tokens[i] or none changes. A sequence may appear
+   once only. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs,
+                                          const uint32_t* n_tokens, uint32_t n_seqs);
+
+/* Writes the K and V vectors of one layer for the sequence's newest n_tokens
+   positions, [length - n_tokens, length), converting from src_dtype (F32,
+   F16 or BF16; DEFAULT means F32) to the storage types.
+   k, v: [n_tokens][n_kv_heads][head_dim] elements, token rows k_stride and
+   v_stride bytes apart (0: packed). Either pointer may be NULL to leave
+   that part untouched. If a page in the range became shared since it was
+   reserved (a fork in between), it is copied first; that copy can fail with
+   LLMKV_ERR_OUT_OF_PAGES, before anything is written.
+   Returns LLMKV_ERR_NO_PAGE_DATA on a metadata-only cache.
+   Thread safety: mutates the cache (its page data; metadata only when a
+   copy is needed). */
+LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t layer,
+                                 uint32_t n_tokens, const void* k, size_t k_stride,
+                                 const void* v, size_t v_stride, llmkv_dtype src_dtype);
+
+/* Copies positions [pos, pos + n_tokens) of one layer into contiguous caller
+   buffers [n_tokens][n_kv_heads][head_dim], rows k_stride / v_stride bytes
+   apart (0: packed). dst_dtype DEFAULT copies the stored bytes as they are
+   (each part in its own storage type); F32, F16 or BF16 converts.
+   Either output may be NULL. Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uint32_t layer,
+                                    uint32_t pos, uint32_t n_tokens, void* k, size_t k_stride,
+                                    void* v, size_t v_stride, llmkv_dtype dst_dtype);
+
+/* Starts a new sequence that shares every page of `src` (reference counts
+   only; no data is copied until either side writes a shared page).
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out);
+
+/* Shortens a sequence to n_tokens positions (n_tokens <= length): pages past
+   the new end lose a reference. A shared tail page that remains is copied
+   by the next reserve that writes into it. Thread safety: mutates the
+   cache. */
+LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
+
+/* ------------------------------------------------------------------------ */
+/* Page-copy commands (metadata-only caches)                                */
+/* ------------------------------------------------------------------------ */
+
+/* One data movement decided by the manager: copy the first n_slots slots of
+   every layer, K and V (scales included), from page src to page dst.
+   n_slots == page_size means the whole page (one contiguous copy). */
+typedef struct llmkv_copy_cmd {
+    uint32_t src_page;
+    uint32_t dst_page;
+    uint32_t n_slots;
+} llmkv_copy_cmd;
+
+/* Moves up to max_cmds pending commands, oldest first, into `cmds`; *n_cmds
+   receives how many. A device layer executes them, in order, before its
+   next kernel that touches the pool. A host cache copies at once and never
+   queues. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds,
+                                            uint32_t max_cmds, uint32_t* n_cmds);
+
+/* ------------------------------------------------------------------------ */
+/* Batches                                                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct llmkv_batch llmkv_batch;
+
+/* A read-only view of a built batch. Pointers stay valid until the batch is
+   rebuilt or destroyed. Sequence i has seq_lens[i] positions of which its
+   newest q_lens[i] are this step's query tokens, at rows
+   [qo_indptr[i], qo_indptr[i+1]) of the step's token arrays. */
+typedef struct llmkv_batch_info {
+    uint32_t n_seqs;
+    uint32_t n_tokens;              /* sum of q_lens: rows of the query array */
+    uint32_t page_size;
+    const int32_t* qo_indptr;       /* [n_seqs + 1] */
+    const int32_t* seq_lens;        /* [n_seqs] */
+    /* CSR page tables (FlashInfer): the pages of sequence i are
+       kv_indices[kv_indptr[i] .. kv_indptr[i+1]); the last is filled to
+       kv_last_page_len[i] slots (1..page_size; 0 for an empty sequence). */
+    const int32_t* kv_indptr;       /* [n_seqs + 1] */
+    const int32_t* kv_indices;      /* [kv_indptr[n_seqs]] */
+    const int32_t* kv_last_page_len;/* [n_seqs] */
+    /* Padded block table (vLLM, FlashAttention): row i holds the pages of
+       sequence i, then zeros up to block_table_stride entries. */
+    const int32_t* block_table;     /* [n_seqs][block_table_stride] */
+    uint32_t block_table_stride;
+    /* Slot mapping (vLLM): the cache slot of every query token, as
+       page * page_size + slot, in the order of the rows. */
+    const int64_t* slot_mapping;    /* [n_tokens] */
+    const int32_t* positions;       /* [n_tokens]: position of every query row */
+} llmkv_batch_info;
+
+/* Creates a batch able to describe up to max_seqs sequences and max_tokens
+   query tokens of `cache` (every table entry is sized up front; building
+   never allocates). Owned by the caller (llmkv_batch_destroy) and tied to
+   the cache, which must outlive it. Thread safety: read-only on the
+   cache. */
+LLMKV_API llmkv_result llmkv_batch_create(const llmkv_cache* cache, uint32_t max_seqs,
+                                          uint32_t max_tokens, llmkv_batch** out);
+
+/* Releases a batch. NULL is ignored. */
+LLMKV_API void llmkv_batch_destroy(llmkv_batch* batch);
+
+/* Describes one step: sequence seqs[i] receives q_lens[i] query tokens (its
+   newest positions, already reserved; 0 allowed, at most its length). A
+   sequence may appear once only. On failure the batch is left empty
+   (n_seqs 0). Thread safety: reads the cache; the batch is mutated. */
+LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs,
+                                         const uint32_t* q_lens, uint32_t n_seqs);
+
+/* LLMKV_OK while no sequence of the batch has changed since it was built
+   (reserve, put's copy-on-write, fork, truncate and free all change one);
+   LLMKV_ERR_STALE_BATCH otherwise. Kernels call this before they read.
+   Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch);
+
+/* Fills `info` with views of the batch's arrays. Returns
+   LLMKV_ERR_STALE_BATCH (and leaves info zeroed) when llmkv_batch_check
+   would. Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info);
+
+/* ------------------------------------------------------------------------ */
+/* Statistics, planning, checking                                           */
+/* ------------------------------------------------------------------------ */
+
+typedef struct llmkv_stats {
+    uint32_t n_pages_total;
+    uint32_t n_pages_free;
+    uint32_t n_pages_used;      /* referenced by at least one sequence */
+    uint32_t n_pages_shared;    /* referenced more than once */
+    uint32_t n_seqs;            /* live sequences */
+    uint32_t n_pending_copies;  /* metadata-only: queued copy commands */
+    uint64_t page_bytes;
+    uint64_t pool_bytes;        /* n_pages_total * page_bytes */
+    uint64_t used_bytes;        /* n_pages_used * page_bytes */
+    uint64_t metadata_bytes;    /* everything the cache holds besides pages */
+    uint64_t n_tokens;          /* sum of sequence lengths (shared counted per sequence) */
+    uint64_t n_slots_used;      /* distinct physical slots holding a position */
+    uint64_t n_slots_unused;    /* slots in used pages that hold none */
+} llmkv_stats;
+
+/* Fills `out`. O(pages + page-table entries). Changes no state, but uses
+   the cache's scratch memory (counting distinct slots needs a mark per
+   page, and the cache allocates nothing after creation).
+   Thread safety: counts as a mutating call. */
+LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out);
+
+/* Page bytes that n_tokens tokens of one sequence occupy under `desc`
+   (whole pages: ceil(n_tokens / page_size) * page_bytes).
+   Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_plan_bytes(const llmkv_desc* desc, uint64_t n_tokens, uint64_t* bytes);
+
+/* Tokens of one sequence that fit in `bytes` of pages under `desc`
+   (floor(bytes / page_bytes) * page_size). Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_plan_tokens(const llmkv_desc* desc, uint64_t bytes, uint64_t* n_tokens);
+
+/* Shape of a well-known model, from its published configuration. */
+typedef struct llmkv_model_preset {
+    const char* name;        /* e.g. "llama-3-8b" */
+    uint32_t n_layers;
+    uint32_t n_q_heads;
+    uint32_t n_kv_heads;
+    uint32_t head_dim;
+    uint32_t max_seq_len;    /* the model's trained context length */
+} llmkv_model_preset;
+
+/* The preset table (static, read-only) and its length in *count.
+   Thread safety: any thread. */
+LLMKV_API const llmkv_model_preset* llmkv_model_presets(uint32_t* count);
+
+/* The preset whose name matches (ASCII case-insensitive), or NULL.
+   Thread safety: any thread. */
+LLMKV_API const llmkv_model_preset* llmkv_model_preset_find(const char* name);
+
+/* Sets n_layers, n_kv_heads and head_dim of `desc` from the named preset,
+   leaving every other field as it is. LLMKV_ERR_INVALID_ARGUMENT for an
+   unknown name. Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_desc_from_preset(llmkv_desc* desc, const char* name);
+
+/* Verifies every internal invariant: reference counts against the page
+   tables, the free list (no duplicates, only unreferenced pages, free + used
+   = total), sequence slots and generations, each page table's length and
+   page ids, the copy queue. Returns LLMKV_ERR_CORRUPT with a description
+   in `message` (capacity message_size; may be NULL) on the first violation.
+   O(pages + table entries). Changes no state, but recounts references in
+   the cache's scratch memory. Thread safety: counts as a mutating call. */
+LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size);
+
+/* ------------------------------------------------------------------------ */
+/* Element conversion (scalar, round-to-nearest-even; NaN stays NaN)         */
+/* ------------------------------------------------------------------------ */
+
+LLMKV_API uint16_t llmkv_f32_to_f16(float x);
+LLMKV_API float llmkv_f16_to_f32(uint16_t h);
+LLMKV_API uint16_t llmkv_f32_to_bf16(float x);
+LLMKV_API float llmkv_bf16_to_f32(uint16_t h);
+
+/* Bytes of one element of a storage type (DEFAULT: F16's); 0 for an
+   unknown value. Thread safety: any thread. */
+LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype);
+
+/* Lower-case name of a type ("f32", "f16", "bf16"), or "?". */
+LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LLMKV_H */
+
+/* ======================================================================== */
+/*                              IMPLEMENTATION                              */
+/* ======================================================================== */
+#ifdef LLMKV_IMPLEMENTATION
+#ifndef LLMKV_IMPLEMENTATION_ONCE
+#define LLMKV_IMPLEMENTATION_ONCE
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#if defined(LLMKV_MALLOC) && !defined(LLMKV_FREE)
+#error "LLMKV_MALLOC and LLMKV_FREE must be defined together"
+#endif
+#if defined(LLMKV_FREE) && !defined(LLMKV_MALLOC)
+#error "LLMKV_MALLOC and LLMKV_FREE must be defined together"
+#endif
+#ifndef LLMKV_MALLOC
+#include <stdlib.h>
+#define LLMKV_MALLOC(sz) malloc(sz)
+#define LLMKV_FREE(p) free(p)
+#endif
+
+#ifndef LLMKV_ASSERT
+#include <assert.h>
+#define LLMKV_ASSERT(x) assert(x)
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Limits and small helpers                                                 */
+/* ------------------------------------------------------------------------ */
+
+#define LLMKV__ALIGN 64u
+#define LLMKV__MAX_HEAD_DIM 512u
+#define LLMKV__MAX_PAGE_SIZE 1024u
+#define LLMKV__MAX_LAYERS 65536u
+#define LLMKV__MAX_KV_HEADS 65536u
+#define LLMKV__MAX_SEQS 1048575u
+#define LLMKV__MAX_PAGES 0x7fffffffu    /* page ids travel as int32 in batches */
+#define LLMKV__MAX_LEN 0x7fffffffu      /* positions travel as int32 */
+#define LLMKV__DEFAULT_PAGE_SIZE 16u
+#define LLMKV__DEFAULT_MAX_SEQS 256u
+
+static uint64_t llmkv__align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+static uint32_t llmkv__div_up(uint32_t a, uint32_t b) { return a / b + (a % b != 0); }
+
+static void llmkv__log(const llmkv_logger* logger, llmkv_log_level level, const char* fmt, ...) {
+    char msg[256];
+    va_list ap;
+    if (!logger || !logger->fn) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    logger->fn(logger->user, level, msg);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Results, version, element types                                          */
+/* ------------------------------------------------------------------------ */
+
+LLMKV_API const char* llmkv_result_string(llmkv_result result) {
+    switch (result) {
+    case LLMKV_OK: return "LLMKV_OK: success";
+    case LLMKV_ERR_INVALID_ARGUMENT: return "LLMKV_ERR_INVALID_ARGUMENT: a parameter is null, zero or out of its domain";
+    case LLMKV_ERR_OUT_OF_RANGE: return "LLMKV_ERR_OUT_OF_RANGE: a layer, position or count past the end";
+    case LLMKV_ERR_STALE_HANDLE: return "LLMKV_ERR_STALE_HANDLE: the sequence handle is freed or was never valid";
+    case LLMKV_ERR_BUFFER_TOO_SMALL: return "LLMKV_ERR_BUFFER_TOO_SMALL: a caller buffer or stride is too small";
+    case LLMKV_ERR_MISALIGNED: return "LLMKV_ERR_MISALIGNED: a caller buffer lacks the required alignment";
+    case LLMKV_ERR_OUT_OF_MEMORY: return "LLMKV_ERR_OUT_OF_MEMORY: the allocator returned NULL";
+    case LLMKV_ERR_OUT_OF_PAGES: return "LLMKV_ERR_OUT_OF_PAGES: not enough free pages";
+    case LLMKV_ERR_TOO_MANY_SEQUENCES: return "LLMKV_ERR_TOO_MANY_SEQUENCES: every sequence slot is in use";
+    case LLMKV_ERR_SEQUENCE_TOO_LONG: return "LLMKV_ERR_SEQUENCE_TOO_LONG: the sequence would pass max_seq_len";
+    case LLMKV_ERR_COPY_QUEUE_FULL: return "LLMKV_ERR_COPY_QUEUE_FULL: the page-copy queue is full";
+    case LLMKV_ERR_BATCH_FULL: return "LLMKV_ERR_BATCH_FULL: more sequences or tokens than the batch holds";
+    case LLMKV_ERR_STALE_BATCH: return "LLMKV_ERR_STALE_BATCH: a sequence changed after the batch was built";
+    case LLMKV_ERR_NO_PAGE_DATA: return "LLMKV_ERR_NO_PAGE_DATA: the cache is metadata-only";
+    case LLMKV_ERR_CORRUPT: return "LLMKV_ERR_CORRUPT: an internal invariant does not hold";
+    case LLMKV_ERR_UNSUPPORTED: return "LLMKV_ERR_UNSUPPORTED: not supported by this build or type";
+    }
+    return "LLMKV_ERR_?: unknown result code";
+}
+
+LLMKV_API const char* llmkv_version(void) { return LLMKV_VERSION_STRING; }
+
+static float llmkv__bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static uint32_t llmkv__f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+LLMKV_API uint16_t llmkv_f32_to_f16(float x) {
+    uint32_t u = llmkv__f32_to_bits(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) /* inf stays inf; NaN stays a quiet NaN with its top payload */
+        return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u | ((a >> 13) & 0x3ffu) : 0u));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520 rounds to inf */
+    if (a < 0x38800000u) {
+        /* Below 2^-14: the result is subnormal. Adding 0.5 puts the f16 ulp
+           (2^-24) at the float ulp, so the FPU rounds to nearest-even. */
+        float f = llmkv__bits_to_f32(a) + 0.5f;
+        return (uint16_t)(sign | (llmkv__f32_to_bits(f) - 0x3f000000u));
+    }
+    /* Normal: rebias the exponent (-112) and round to nearest-even on bit 13. */
+    a += 0xc8000fffu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | (a >> 13));
+}
+
+LLMKV_API float llmkv_f16_to_f32(uint16_t h) {
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+    uint32_t e = ((uint32_t)h >> 10) & 0x1fu, m = (uint32_t)h & 0x3ffu;
+    if (e == 0) {
+        float f = (float)m * (1.0f / 16777216.0f); /* m * 2^-24, exact */
+        return llmkv__bits_to_f32(sign | llmkv__f32_to_bits(f));
+    }
+    if (e == 31) return llmkv__bits_to_f32(sign | 0x7f800000u | (m << 13));
+    return llmkv__bits_to_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+LLMKV_API uint16_t llmkv_f32_to_bf16(float x) {
+    uint32_t u = llmkv__f32_to_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+LLMKV_API float llmkv_bf16_to_f32(uint16_t h) { return llmkv__bits_to_f32((uint32_t)h << 16); }
+
+LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype) {
+    switch (dtype) {
+    case LLMKV_DTYPE_DEFAULT: return 2;
+    case LLMKV_DTYPE_F32: return 4;
+    case LLMKV_DTYPE_F16: return 2;
+    case LLMKV_DTYPE_BF16: return 2;
+    }
+    return 0;
+}
+
+LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype) {
+    switch (dtype) {
+    case LLMKV_DTYPE_DEFAULT: return "f16";
+    case LLMKV_DTYPE_F32: return "f32";
+    case LLMKV_DTYPE_F16: return "f16";
+    case LLMKV_DTYPE_BF16: return "bf16";
+    }
+    return "?";
+}
+
+static int llmkv__dtype_valid(llmkv_dtype t) {
+    return t == LLMKV_DTYPE_F32 || t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16;
+}
+
+/* Converts n elements between the plain float types. Same type: a copy. */
+static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st, uint32_t n) {
+    uint32_t i;
+    if (dt == st) { memcpy(dst, src, (size_t)n * llmkv_dtype_size(st)); return; }
+    if (st == LLMKV_DTYPE_F32) {
+        const float* s = (const float*)src;
+        uint16_t* d = (uint16_t*)dst;
+        if (dt == LLMKV_DTYPE_F16) for (i = 0; i < n; ++i) d[i] = llmkv_f32_to_f16(s[i]);
+        else                        for (i = 0; i < n; ++i) d[i] = llmkv_f32_to_bf16(s[i]);
+        return;
+    }
+    {
+        const uint16_t* s = (const uint16_t*)src;
+        if (dt == LLMKV_DTYPE_F32) {
+            float* d = (float*)dst;
+            if (st == LLMKV_DTYPE_F16) for (i = 0; i < n; ++i) d[i] = llmkv_f16_to_f32(s[i]);
+            else                        for (i = 0; i < n; ++i) d[i] = llmkv_bf16_to_f32(s[i]);
+        } else {
+            uint16_t* d = (uint16_t*)dst;
+            if (st == LLMKV_DTYPE_F16) for (i = 0; i < n; ++i) d[i] = llmkv_f32_to_bf16(llmkv_f16_to_f32(s[i]));
+            else                        for (i = 0; i < n; ++i) d[i] = llmkv_f32_to_f16(llmkv_bf16_to_f32(s[i]));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Allocation                                                               */
+/* ------------------------------------------------------------------------ */
+
+/* The fallback allocator over LLMKV_MALLOC: over-allocates and keeps the
+   original pointer just below the aligned block. */
+static void* llmkv__default_alloc(size_t size, size_t align, void* user) {
+    unsigned char* raw;
+    uintptr_t p;
+    (void)user;
+    if (size > (size_t)-1 - align - sizeof(void*)) return NULL;
+    raw = (unsigned char*)LLMKV_MALLOC(size + align + sizeof(void*));
+    if (!raw) return NULL;
+    p = ((uintptr_t)raw + sizeof(void*) + align - 1) & ~(uintptr_t)(align - 1);
+    memcpy((unsigned char*)p - sizeof(void*), &raw, sizeof(void*));
+    return (void*)p;
+}
+
+static void llmkv__default_free(void* ptr, size_t size, void* user) {
+    void* raw;
+    (void)size; (void)user;
+    if (!ptr) return;
+    memcpy(&raw, (unsigned char*)ptr - sizeof(void*), sizeof(void*));
+    LLMKV_FREE(raw);
+}
+
+/* Carves aligned pieces out of one block, or measures them (base NULL). */
+typedef struct llmkv__carver {
+    unsigned char* base;
+    uint64_t used;
+} llmkv__carver;
+
+static void* llmkv__carve(llmkv__carver* c, uint64_t bytes) {
+    void* p;
+    c->used = llmkv__align_up(c->used, LLMKV__ALIGN);
+    p = c->base ? (void*)(c->base + c->used) : NULL;
+    c->used += bytes;
+    return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Descriptor and layout                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Validates the shape fields and fills their defaults into `d` (a copy).
+   Capacity is resolved separately because it depends on the storage mode. */
+static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
+    const llmkv_logger* lg = &in->logger;
+    *d = *in;
+    if (d->n_layers == 0 || d->n_layers > LLMKV__MAX_LAYERS) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: n_layers must be 1..%u (got %u)", LLMKV__MAX_LAYERS, d->n_layers);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->n_kv_heads == 0 || d->n_kv_heads > LLMKV__MAX_KV_HEADS) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: n_kv_heads must be 1..%u (got %u)", LLMKV__MAX_KV_HEADS, d->n_kv_heads);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->head_dim == 0 || d->head_dim > LLMKV__MAX_HEAD_DIM) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: head_dim must be 1..%u (got %u)", LLMKV__MAX_HEAD_DIM, d->head_dim);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->page_size == 0) d->page_size = LLMKV__DEFAULT_PAGE_SIZE;
+    if (d->page_size > LLMKV__MAX_PAGE_SIZE) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: page_size must be 1..%u (got %u)", LLMKV__MAX_PAGE_SIZE, d->page_size);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->k_dtype == LLMKV_DTYPE_DEFAULT) d->k_dtype = LLMKV_DTYPE_F16;
+    if (d->v_dtype == LLMKV_DTYPE_DEFAULT) d->v_dtype = LLMKV_DTYPE_F16;
+    if (!llmkv__dtype_valid(d->k_dtype) || !llmkv__dtype_valid(d->v_dtype)) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage type (k %d, v %d)", (int)d->k_dtype, (int)d->v_dtype);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->storage != LLMKV_STORAGE_DEFAULT && d->storage != LLMKV_STORAGE_METADATA_ONLY) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage mode %d", (int)d->storage);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->max_seqs == 0) d->max_seqs = LLMKV__DEFAULT_MAX_SEQS;
+    if (d->max_seqs > LLMKV__MAX_SEQS) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: max_seqs must be at most %u (got %u)", LLMKV__MAX_SEQS, d->max_seqs);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (!d->allocator.alloc != !d->allocator.free) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: allocator needs both alloc and free");
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    return LLMKV_OK;
+}
+
+static void llmkv__part(llmkv_part_layout* p, llmkv_dtype t, const llmkv_desc* d, uint64_t offset) {
+    memset(p, 0, sizeof *p);
+    p->dtype = t;
+    p->elem_bytes = llmkv_dtype_size(t);
+    p->offset = offset;
+    p->slot_stride = (uint64_t)d->head_dim * p->elem_bytes;
+    p->head_stride = p->slot_stride * d->page_size;
+    p->bytes = p->head_stride * d->n_kv_heads;
+}
+
+/* Page geometry of a validated descriptor. Cannot overflow: every factor is
+   bounded (2^9 * 4 * 2^10 * 2^16 * 2 regions * 2^16 layers < 2^63). */
+static void llmkv__layout(const llmkv_desc* d, llmkv_layout* l) {
+    memset(l, 0, sizeof *l);
+    l->n_layers = d->n_layers;
+    l->n_kv_heads = d->n_kv_heads;
+    l->head_dim = d->head_dim;
+    l->page_size = d->page_size;
+    llmkv__part(&l->k, d->k_dtype, d, 0);
+    llmkv__part(&l->v, d->v_dtype, d, llmkv__align_up(l->k.bytes, LLMKV__ALIGN));
+    l->layer_stride = llmkv__align_up(l->v.offset + l->v.bytes, LLMKV__ALIGN);
+    l->page_bytes = l->layer_stride * d->n_layers;
+}
+
+LLMKV_API llmkv_result llmkv_layout_for(const llmkv_desc* desc, llmkv_layout* out) {
+    llmkv_desc d;
+    llmkv_result r;
+    if (!desc || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__desc_shape(desc, &d);
+    if (r != LLMKV_OK) return r;
+    llmkv__layout(&d, out);
+    return LLMKV_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cache structure                                                          */
+/* ------------------------------------------------------------------------ */
+
+typedef struct llmkv__seq {
+    uint32_t gen;       /* generation in the current handle; never 0 */
+    uint32_t live;      /* 1 while a handle refers to this slot */
+    uint32_t length;    /* positions held */
+    uint32_t n_pages;   /* = ceil(length / page_size) */
+    uint64_t epoch;     /* cache-unique stamp of the last change (batches compare it) */
+    uint32_t next_free; /* free-slot FIFO link */
+    uint32_t mark;      /* call stamp for duplicate detection */
+} llmkv__seq;
+
+struct llmkv_cache {
+    llmkv_desc desc;            /* effective: defaults filled, capacity resolved */
+    llmkv_layout layout;
+    llmkv_allocator alloc;
+    void* meta_block;           /* allocation holding this struct and metadata */
+    size_t meta_block_size;
+    void* page_block;           /* allocation holding the pages (host mode, allocated) */
+    size_t page_block_size;
+    int in_caller_memory;       /* created by llmkv_cache_create_in: free nothing */
+
+    unsigned char* pool;        /* page 0; NULL when metadata-only */
+    uint32_t n_pages;
+    uint32_t max_pages_per_seq; /* = ceil(max_seq_len / page_size) */
+    uint32_t* refcount;         /* [n_pages] */
+    uint32_t* free_pages;       /* [n_pages] stack; top at free_pages[n_free - 1] */
+    uint32_t n_free;
+    uint32_t* scratch;          /* [n_pages] for check and stats */
+
+    llmkv__seq* seqs;           /* [max_seqs] */
+    uint32_t* tables;           /* [max_seqs][max_pages_per_seq] */
+    uint32_t n_live;
+    uint32_t free_head, free_tail; /* free-slot FIFO (oldest freed reused last) */
+    uint32_t slot_bits;         /* handle id = gen << slot_bits | slot */
+    uint32_t gen_max;
+    uint64_t epoch;
+    uint32_t mark;
+
+    llmkv_copy_cmd* copies;     /* ring [max_pending_copies]; metadata-only */
+    uint32_t copy_cap, copy_head, copy_count;
+    uint64_t meta_bytes;        /* metadata footprint, for stats */
+};
+
+#define LLMKV__NO_SLOT 0xffffffffu
+
+/* Footprint of the metadata block and of the pages for `d` (capacity
+   resolved). Returns 0 when the sizes do not fit the address space. */
+static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t* meta, uint64_t* pages) {
+    llmkv__carver c;
+    uint64_t pps = llmkv__div_up(d->max_seq_len, d->page_size);
+    uint64_t table_entries = pps * d->max_seqs;
+    uint64_t queue = d->storage == LLMKV_STORAGE_METADATA_ONLY ? d->max_pending_copies : 0;
+    c.base = NULL;
+    c.used = 0;
+    llmkv__carve(&c, sizeof(llmkv_cache));
+    llmkv__carve(&c, (uint64_t)d->n_pages * 4 * 3);
+    llmkv__carve(&c, (uint64_t)d->max_seqs * sizeof(llmkv__seq));
+    llmkv__carve(&c, table_entries * 4);
+    llmkv__carve(&c, queue * sizeof(llmkv_copy_cmd));
+    *meta = llmkv__align_up(c.used, LLMKV__ALIGN);
+    *pages = d->storage == LLMKV_STORAGE_METADATA_ONLY ? 0 : l->page_bytes * d->n_pages;
+    return *meta < ((uint64_t)1 << 62) && *pages < ((uint64_t)1 << 62) &&
+           *meta + *pages + LLMKV__ALIGN <= (uint64_t)(size_t)-1;
+}
+
+/* Fills capacity defaults that depend on n_pages. */
+static llmkv_result llmkv__desc_capacity(llmkv_desc* d, const llmkv_layout* l, uint64_t n_pages) {
+    uint64_t full_len;
+    if (n_pages == 0) {
+        llmkv__log(&d->logger, LLMKV_LOG_ERROR, "llmkv: capacity is zero (set n_pages or capacity_bytes of at least %llu)",
+                   (unsigned long long)l->page_bytes);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (n_pages > LLMKV__MAX_PAGES) {
+        llmkv__log(&d->logger, LLMKV_LOG_ERROR, "llmkv: at most %u pages (asked for %llu)", LLMKV__MAX_PAGES,
+                   (unsigned long long)n_pages);
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    d->n_pages = (uint32_t)n_pages;
+    full_len = n_pages * d->page_size;
+    if (full_len > LLMKV__MAX_LEN) full_len = LLMKV__MAX_LEN;
+    if (d->max_seq_len == 0 || d->max_seq_len > full_len) d->max_seq_len = (uint32_t)full_len;
+    if (d->max_pending_copies == 0) d->max_pending_copies = d->n_pages;
+    return LLMKV_OK;
+}
+
+/* Lays the cache out in `meta` (and `pages`, host mode) and initialises it. */
+static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void* meta, uint64_t meta_size,
+                                void* pages) {
+    llmkv__carver c;
+    llmkv_cache* kv;
+    uint32_t i, bits;
+    c.base = (unsigned char*)meta;
+    c.used = 0;
+    kv = (llmkv_cache*)llmkv__carve(&c, sizeof(llmkv_cache));
+    memset(kv, 0, sizeof *kv);
+    kv->desc = *d;
+    kv->layout = *l;
+    kv->n_pages = d->n_pages;
+    kv->max_pages_per_seq = llmkv__div_up(d->max_seq_len, d->page_size);
+    kv->refcount = (uint32_t*)llmkv__carve(&c, (uint64_t)d->n_pages * 4 * 3);
+    kv->free_pages = kv->refcount + d->n_pages;
+    kv->scratch = kv->free_pages + d->n_pages;
+    kv->seqs = (llmkv__seq*)llmkv__carve(&c, (uint64_t)d->max_seqs * sizeof(llmkv__seq));
+    kv->tables = (uint32_t*)llmkv__carve(&c, (uint64_t)kv->max_pages_per_seq * d->max_seqs * 4);
+    if (d->storage == LLMKV_STORAGE_METADATA_ONLY) {
+        kv->copies = (llmkv_copy_cmd*)llmkv__carve(&c, (uint64_t)d->max_pending_copies * sizeof(llmkv_copy_cmd));
+        kv->copy_cap = d->max_pending_copies;
+    }
+    kv->meta_bytes = meta_size;
+    kv->pool = (unsigned char*)pages;
+
+    memset(kv->refcount, 0, (size_t)d->n_pages * 4);
+    for (i = 0; i < d->n_pages; ++i) kv->free_pages[i] = d->n_pages - 1 - i; /* page 0 on top */
+    kv->n_free = d->n_pages;
+    memset(kv->seqs, 0, (size_t)d->max_seqs * sizeof(llmkv__seq));
+    for (i = 0; i < d->max_seqs; ++i) {
+        kv->seqs[i].gen = 1;
+        kv->seqs[i].next_free = i + 1 < d->max_seqs ? i + 1 : LLMKV__NO_SLOT;
+    }
+    kv->free_head = 0;
+    kv->free_tail = d->max_seqs - 1;
+    for (bits = 1; ((uint32_t)1 << bits) < d->max_seqs; ++bits) {}
+    kv->slot_bits = bits;
+    kv->gen_max = (uint32_t)((((uint64_t)1) << (32 - bits)) - 1);
+    return kv;
+}
+
+/* Validates a descriptor and resolves its capacity from n_pages or
+   capacity_bytes (0 pages if neither is set). */
+static llmkv_result llmkv__prepare(const llmkv_desc* desc, llmkv_desc* d, llmkv_layout* l, uint64_t* n_pages) {
+    llmkv_result r;
+    if (!desc) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__desc_shape(desc, d);
+    if (r != LLMKV_OK) return r;
+    llmkv__layout(d, l);
+    *n_pages = d->n_pages ? d->n_pages : d->capacity_bytes / l->page_bytes;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_create(const llmkv_desc* desc, llmkv_cache** out) {
+    llmkv_desc d;
+    llmkv_layout l;
+    llmkv_allocator a;
+    uint64_t n_pages, meta_size, page_size;
+    void *meta, *pages = NULL;
+    llmkv_cache* kv;
+    llmkv_result r;
+    if (!out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    r = llmkv__prepare(desc, &d, &l, &n_pages);
+    if (r != LLMKV_OK) return r;
+    r = llmkv__desc_capacity(&d, &l, n_pages);
+    if (r != LLMKV_OK) return r;
+    if (!llmkv__footprint(&d, &l, &meta_size, &page_size)) {
+        llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: the cache does not fit the address space");
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+    a = d.allocator;
+    if (!a.alloc) { a.alloc = llmkv__default_alloc; a.free = llmkv__default_free; a.user = NULL; }
+    meta = a.alloc((size_t)meta_size, LLMKV__ALIGN, a.user);
+    if (!meta) {
+        llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: cannot allocate %llu bytes of metadata", (unsigned long long)meta_size);
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+    if (page_size) {
+        pages = a.alloc((size_t)page_size, LLMKV__ALIGN, a.user);
+        if (!pages) {
+            a.free(meta, (size_t)meta_size, a.user);
+            llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: cannot allocate %llu bytes of pages", (unsigned long long)page_size);
+            return LLMKV_ERR_OUT_OF_MEMORY;
+        }
+    }
+    kv = llmkv__init(&d, &l, meta, meta_size, pages);
+    kv->alloc = a;
+    kv->meta_block = meta;
+    kv->meta_block_size = (size_t)meta_size;
+    kv->page_block = pages;
+    kv->page_block_size = (size_t)page_size;
+    *out = kv;
+    return LLMKV_OK;
+}
+
+/* Whole footprint inside a caller buffer of unknown alignment. */
+static uint64_t llmkv__caller_size(const llmkv_desc* d, const llmkv_layout* l, int* fits) {
+    uint64_t meta, pages;
+    *fits = llmkv__footprint(d, l, &meta, &pages);
+    return LLMKV__ALIGN - 1 + meta + pages;
+}
+
+LLMKV_API llmkv_result llmkv_cache_memory_size(const llmkv_desc* desc, size_t* size, size_t* per_page) {
+    llmkv_desc d;
+    llmkv_layout l;
+    uint64_t n_pages, total;
+    int fits;
+    llmkv_result r;
+    if (!size) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__prepare(desc, &d, &l, &n_pages);
+    if (r != LLMKV_OK) return r;
+    if (n_pages == 0) {
+        /* The footprint is affine in n_pages (given fixed or defaulted
+           max_seq_len); report it at one page and the cost of each more. */
+        llmkv_desc d1 = d, d2 = d;
+        uint64_t s1, s2;
+        int f2;
+        if (llmkv__desc_capacity(&d1, &l, 1) != LLMKV_OK || llmkv__desc_capacity(&d2, &l, 2) != LLMKV_OK)
+            return LLMKV_ERR_INVALID_ARGUMENT;
+        s1 = llmkv__caller_size(&d1, &l, &fits);
+        s2 = llmkv__caller_size(&d2, &l, &f2);
+        if (!fits || !f2) return LLMKV_ERR_OUT_OF_MEMORY;
+        /* Alignment can make one step cost up to 3 * 63 bytes more or less;
+           report the worst case so that a buffer sized from it fits. */
+        *size = (size_t)(s1 - l.page_bytes);
+        if (per_page) *per_page = (size_t)(s2 - s1 + 3 * LLMKV__ALIGN);
+        return LLMKV_OK;
+    }
+    r = llmkv__desc_capacity(&d, &l, n_pages);
+    if (r != LLMKV_OK) return r;
+    total = llmkv__caller_size(&d, &l, &fits);
+    if (!fits) return LLMKV_ERR_OUT_OF_MEMORY;
+    *size = (size_t)total;
+    if (per_page) *per_page = 0;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_create_in(const llmkv_desc* desc, void* memory, size_t size, llmkv_cache** out) {
+    llmkv_desc d, trial;
+    llmkv_layout l;
+    uint64_t n_pages, meta, pages, need;
+    unsigned char* base;
+    llmkv_cache* kv;
+    llmkv_result r;
+    int fits;
+    if (!out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!memory) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__prepare(desc, &d, &l, &n_pages);
+    if (r != LLMKV_OK) return r;
+    if (n_pages == 0) {
+        /* Largest page count that fits: binary search on the footprint. */
+        uint64_t lo = 0, hi = size / (l.page_bytes ? l.page_bytes : 1) + 1;
+        if (d.storage == LLMKV_STORAGE_METADATA_ONLY) {
+            llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: a metadata-only cache needs n_pages or capacity_bytes");
+            return LLMKV_ERR_INVALID_ARGUMENT;
+        }
+        if (hi > LLMKV__MAX_PAGES) hi = LLMKV__MAX_PAGES;
+        while (lo < hi) {
+            uint64_t mid = lo + (hi - lo + 1) / 2;
+            trial = d;
+            if (llmkv__desc_capacity(&trial, &l, mid) == LLMKV_OK &&
+                llmkv__caller_size(&trial, &l, &fits) <= size && fits)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        if (lo == 0) {
+            llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: a %llu-byte buffer cannot hold even one page", (unsigned long long)size);
+            return LLMKV_ERR_BUFFER_TOO_SMALL;
+        }
+        n_pages = lo;
+    }
+    r = llmkv__desc_capacity(&d, &l, n_pages);
+    if (r != LLMKV_OK) return r;
+    need = llmkv__caller_size(&d, &l, &fits);
+    if (!fits) return LLMKV_ERR_OUT_OF_MEMORY;
+    if (need > size) {
+        llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: buffer of %llu bytes is smaller than the %llu needed",
+                   (unsigned long long)size, (unsigned long long)need);
+        return LLMKV_ERR_BUFFER_TOO_SMALL;
+    }
+    llmkv__footprint(&d, &l, &meta, &pages);
+    base = (unsigned char*)(((uintptr_t)memory + LLMKV__ALIGN - 1) & ~(uintptr_t)(LLMKV__ALIGN - 1));
+    kv = llmkv__init(&d, &l, base, meta, pages ? base + meta : NULL);
+    kv->in_caller_memory = 1;
+    *out = kv;
+    return LLMKV_OK;
+}
+
+LLMKV_API void llmkv_cache_destroy(llmkv_cache* cache) {
+    llmkv_allocator a;
+    void *meta, *pages;
+    size_t meta_size, page_size;
+    if (!cache || cache->in_caller_memory) return;
+    a = cache->alloc;
+    meta = cache->meta_block;
+    meta_size = cache->meta_block_size;
+    pages = cache->page_block;
+    page_size = cache->page_block_size;
+    if (pages) a.free(pages, page_size, a.user);
+    a.free(meta, meta_size, a.user); /* the cache itself lives in this block */
+}
+
+LLMKV_API llmkv_result llmkv_cache_desc(const llmkv_cache* cache, llmkv_desc* out) {
+    if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = cache->desc;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_layout(const llmkv_cache* cache, llmkv_layout* out) {
+    if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = cache->layout;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_pool(const llmkv_cache* cache, void** base, uint64_t* bytes) {
+    if (!cache || !base || !bytes) return LLMKV_ERR_INVALID_ARGUMENT;
+    *base = cache->pool;
+    *bytes = cache->layout.page_bytes * cache->n_pages;
+    return LLMKV_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Pages and sequences                                                      */
+/* ------------------------------------------------------------------------ */
+
+static uint32_t* llmkv__table(const llmkv_cache* kv, uint32_t slot) {
+    return kv->tables + (size_t)slot * kv->max_pages_per_seq;
+}
+
+/* The record behind a handle, or NULL when the handle is stale or invalid. */
+static llmkv__seq* llmkv__lookup(const llmkv_cache* kv, llmkv_seq h, uint32_t* slot_out) {
+    uint32_t slot = h.id & (((uint32_t)1 << kv->slot_bits) - 1);
+    uint32_t gen = h.id >> kv->slot_bits;
+    llmkv__seq* s;
+    if (slot >= kv->desc.max_seqs) return NULL;
+    s = &kv->seqs[slot];
+    if (!s->live || s->gen != gen) return NULL;
+    if (slot_out) *slot_out = slot;
+    return s;
+}
+
+static uint32_t llmkv__page_take(llmkv_cache* kv) {
+    uint32_t p;
+    LLMKV_ASSERT(kv->n_free > 0);
+    p = kv->free_pages[--kv->n_free];
+    LLMKV_ASSERT(kv->refcount[p] == 0);
+    kv->refcount[p] = 1;
+    return p;
+}
+
+static void llmkv__page_release(llmkv_cache* kv, uint32_t p) {
+    LLMKV_ASSERT(kv->refcount[p] > 0);
+    if (--kv->refcount[p] == 0) kv->free_pages[kv->n_free++] = p;
+}
+
+/* Copies the first n_slots slots of every layer, K and V, from page src to
+   page dst: the meaning of an llmkv_copy_cmd. Host caches run it now;
+   metadata-only caches queue it (the caller checked there is room). */
+static void llmkv__page_copy(llmkv_cache* kv, uint32_t src, uint32_t dst, uint32_t n_slots) {
+    const llmkv_layout* l = &kv->layout;
+    if (!kv->pool) {
+        llmkv_copy_cmd* c = &kv->copies[(kv->copy_head + kv->copy_count) % kv->copy_cap];
+        LLMKV_ASSERT(kv->copy_count < kv->copy_cap);
+        c->src_page = src;
+        c->dst_page = dst;
+        c->n_slots = n_slots;
+        kv->copy_count++;
+        return;
+    }
+    if (n_slots == l->page_size) {
+        memcpy(kv->pool + dst * l->page_bytes, kv->pool + src * l->page_bytes, (size_t)l->page_bytes);
+    } else {
+        uint32_t layer, h, part;
+        for (layer = 0; layer < l->n_layers; ++layer) {
+            for (part = 0; part < 2; ++part) {
+                const llmkv_part_layout* pl = part ? &l->v : &l->k;
+                uint64_t base = layer * l->layer_stride + pl->offset;
+                for (h = 0; h < l->n_kv_heads; ++h) {
+                    uint64_t off = base + h * pl->head_stride;
+                    memcpy(kv->pool + dst * l->page_bytes + off, kv->pool + src * l->page_bytes + off,
+                           (size_t)(n_slots * pl->slot_stride));
+                }
+            }
+        }
+    }
+}
+
+/* Number of shared pages that hold positions [from, length) of a sequence:
+   the copies a write into that range must make first. */
+static uint32_t llmkv__shared_in_range(const llmkv_cache* kv, uint32_t slot, uint32_t from, uint32_t length) {
+    const uint32_t* t = llmkv__table(kv, slot);
+    uint32_t ps = kv->layout.page_size, i, n = 0, end;
+    if (from >= length) return 0;
+    end = (length - 1) / ps;
+    for (i = from / ps; i <= end; ++i) n += kv->refcount[t[i]] > 1;
+    return n;
+}
+
+/* Gives the sequence private copies of the shared pages holding positions
+   [from, length). The caller checked that enough pages and queue room
+   exist. Returns 1 when the page table changed. */
+static int llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, uint32_t length) {
+    uint32_t* t = llmkv__table(kv, slot);
+    uint32_t ps = kv->layout.page_size, i, end;
+    int changed = 0;
+    if (from >= length) return 0;
+    end = (length - 1) / ps;
+    for (i = from / ps; i <= end; ++i) {
+        uint32_t old = t[i], fresh, used;
+        if (kv->refcount[old] <= 1) continue;
+        fresh = llmkv__page_take(kv);
+        used = length - i * ps < ps ? length - i * ps : ps;
+        llmkv__page_copy(kv, old, fresh, used);
+        llmkv__page_release(kv, old);
+        t[i] = fresh;
+        changed = 1;
+    }
+    return changed;
+}
+
+LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
+    uint32_t slot;
+    llmkv__seq* s;
+    if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (cache->free_head == LLMKV__NO_SLOT) return LLMKV_ERR_TOO_MANY_SEQUENCES;
+    slot = cache->free_head;
+    s = &cache->seqs[slot];
+    cache->free_head = s->next_free;
+    if (cache->free_head == LLMKV__NO_SLOT) cache->free_tail = LLMKV__NO_SLOT;
+    s->live = 1;
+    s->length = 0;
+    s->n_pages = 0;
+    s->epoch = ++cache->epoch;
+    s->next_free = LLMKV__NO_SLOT;
+    cache->n_live++;
+    out->id = (s->gen << cache->slot_bits) | slot;
+    return LLMKV_OK;
+}
+
+/* Returns a slot to the FIFO with a new generation, so old handles fail. */
+static void llmkv__slot_release(llmkv_cache* kv, uint32_t slot) {
+    llmkv__seq* s = &kv->seqs[slot];
+    s->live = 0;
+    s->length = 0;
+    s->n_pages = 0;
+    s->gen = s->gen >= kv->gen_max ? 1 : s->gen + 1;
+    s->next_free = LLMKV__NO_SLOT;
+    if (kv->free_tail == LLMKV__NO_SLOT) kv->free_head = slot;
+    else kv->seqs[kv->free_tail].next_free = slot;
+    kv->free_tail = slot;
+    kv->n_live--;
+}
+
+LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
+    uint32_t slot, i;
+    llmkv__seq* s;
+    const uint32_t* t;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    t = llmkv__table(cache, slot);
+    for (i = 0; i < s->n_pages; ++i) llmkv__page_release(cache, t[i]);
+    llmkv__slot_release(cache, slot);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_length(const llmkv_cache* cache, llmkv_seq seq, uint32_t* length) {
+    const llmkv__seq* s;
+    if (!cache || !length) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, seq, NULL);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    *length = s->length;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, uint32_t* pages,
+                                       uint32_t max_pages, uint32_t* n_pages) {
+    const llmkv__seq* s;
+    uint32_t slot;
+    if (!cache || !n_pages || (!pages && max_pages)) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    *n_pages = s->n_pages;
+    if (s->n_pages > max_pages) return LLMKV_ERR_BUFFER_TOO_SMALL;
+    if (s->n_pages) memcpy(pages, llmkv__table(cache, slot), (size_t)s->n_pages * 4);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
+                                          uint32_t n_seqs) {
+    uint64_t pages_needed = 0, copies_needed = 0;
+    uint32_t i, mark, ps;
+    if (!cache || (n_seqs && (!seqs || !n_tokens))) return LLMKV_ERR_INVALID_ARGUMENT;
+    ps = cache->layout.page_size;
+    mark = ++cache->mark;
+    if (mark == 0) { /* the stamp wrapped: clear stale marks once */
+        for (i = 0; i < cache->desc.max_seqs; ++i) cache->seqs[i].mark = 0;
+        mark = cache->mark = 1;
+    }
+    /* Plan: validate everything and count the pages before touching state. */
+    for (i = 0; i < n_seqs; ++i) {
+        uint32_t slot, new_len;
+        llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
+        if (!s) return LLMKV_ERR_STALE_HANDLE;
+        if (s->mark == mark) return LLMKV_ERR_INVALID_ARGUMENT; /* listed twice */
+        s->mark = mark;
+        if (n_tokens[i] > cache->desc.max_seq_len - s->length) return LLMKV_ERR_SEQUENCE_TOO_LONG;
+        if (n_tokens[i] == 0) continue;
+        new_len = s->length + n_tokens[i];
+        pages_needed += llmkv__div_up(new_len, ps) - s->n_pages;
+        if (s->length % ps) { /* the new slots start inside the tail page */
+            uint32_t shared = llmkv__shared_in_range(cache, slot, s->length - 1, s->length);
+            pages_needed += shared;
+            copies_needed += shared;
+        }
+    }
+    if (pages_needed > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
+    if (!cache->pool && copies_needed > cache->copy_cap - cache->copy_count) return LLMKV_ERR_COPY_QUEUE_FULL;
+    /* Apply: nothing below can fail. */
+    for (i = 0; i < n_seqs; ++i) {
+        uint32_t slot, new_len, new_pages;
+        uint32_t* t;
+        llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
+        if (n_tokens[i] == 0) continue;
+        t = llmkv__table(cache, slot);
+        if (s->length % ps) llmkv__unshare_range(cache, slot, s->length - 1, s->length);
+        new_len = s->length + n_tokens[i];
+        new_pages = llmkv__div_up(new_len, ps);
+        while (s->n_pages < new_pages) t[s->n_pages++] = llmkv__page_take(cache);
+        s->length = new_len;
+        s->epoch = ++cache->epoch;
+    }
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    return llmkv_reserve_many(cache, &seq, &n_tokens, 1);
+}
+
+/* Checks a token-row buffer argument; 0 stride means packed rows. */
+static llmkv_result llmkv__rows(const void* p, size_t* stride, size_t row_bytes, llmkv_dtype t) {
+    if (!p) return LLMKV_OK;
+    if (*stride == 0) *stride = row_bytes;
+    if (*stride < row_bytes) return LLMKV_ERR_BUFFER_TOO_SMALL;
+    if ((uintptr_t)p % llmkv_dtype_size(t) || *stride % llmkv_dtype_size(t)) return LLMKV_ERR_MISALIGNED;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t layer, uint32_t n_tokens,
+                                 const void* k, size_t k_stride, const void* v, size_t v_stride,
+                                 llmkv_dtype src_dtype) {
+    const llmkv_layout* l;
+    llmkv__seq* s;
+    const uint32_t* t;
+    uint32_t slot, first, i, h, part, shared;
+    size_t elem, row;
+    llmkv_result r;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    l = &cache->layout;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (src_dtype == LLMKV_DTYPE_DEFAULT) src_dtype = LLMKV_DTYPE_F32;
+    if (!llmkv__dtype_valid(src_dtype)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (layer >= l->n_layers || n_tokens > s->length) return LLMKV_ERR_OUT_OF_RANGE;
+    elem = llmkv_dtype_size(src_dtype);
+    row = (size_t)l->n_kv_heads * l->head_dim * elem;
+    if ((r = llmkv__rows(k, &k_stride, row, src_dtype)) != LLMKV_OK) return r;
+    if ((r = llmkv__rows(v, &v_stride, row, src_dtype)) != LLMKV_OK) return r;
+    if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
+    if (n_tokens == 0 || (!k && !v)) return LLMKV_OK;
+    first = s->length - n_tokens;
+    shared = llmkv__shared_in_range(cache, slot, first, s->length);
+    if (shared) {
+        if (shared > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
+        llmkv__unshare_range(cache, slot, first, s->length);
+        s->epoch = ++cache->epoch;
+    }
+    t = llmkv__table(cache, slot);
+    for (part = 0; part < 2; ++part) {
+        const llmkv_part_layout* pl = part ? &l->v : &l->k;
+        const unsigned char* src = (const unsigned char*)(part ? v : k);
+        size_t stride = part ? v_stride : k_stride;
+        if (!src) continue;
+        for (i = 0; i < n_tokens; ++i) {
+            uint32_t pos = first + i;
+            unsigned char* dst = cache->pool + t[pos / l->page_size] * l->page_bytes + layer * l->layer_stride +
+                                 pl->offset + (pos % l->page_size) * pl->slot_stride;
+            const unsigned char* row_src = src + i * stride;
+            for (h = 0; h < l->n_kv_heads; ++h)
+                llmkv__convert(dst + h * pl->head_stride, pl->dtype, row_src + (size_t)h * l->head_dim * elem,
+                               src_dtype, l->head_dim);
+        }
+    }
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uint32_t layer, uint32_t pos,
+                                    uint32_t n_tokens, void* k, size_t k_stride, void* v, size_t v_stride,
+                                    llmkv_dtype dst_dtype) {
+    const llmkv_layout* l;
+    const llmkv__seq* s;
+    const uint32_t* t;
+    uint32_t slot, i, h, part;
+    llmkv_result r;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    l = &cache->layout;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (dst_dtype != LLMKV_DTYPE_DEFAULT && !llmkv__dtype_valid(dst_dtype)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (layer >= l->n_layers || pos > s->length || n_tokens > s->length - pos) return LLMKV_ERR_OUT_OF_RANGE;
+    for (part = 0; part < 2; ++part) {
+        const llmkv_part_layout* pl = part ? &l->v : &l->k;
+        llmkv_dtype out_t = dst_dtype == LLMKV_DTYPE_DEFAULT ? pl->dtype : dst_dtype;
+        size_t row = (size_t)l->n_kv_heads * l->head_dim * llmkv_dtype_size(out_t);
+        if ((r = llmkv__rows(part ? v : k, part ? &v_stride : &k_stride, row, out_t)) != LLMKV_OK) return r;
+    }
+    if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
+    t = llmkv__table(cache, slot);
+    for (part = 0; part < 2; ++part) {
+        const llmkv_part_layout* pl = part ? &l->v : &l->k;
+        llmkv_dtype out_t = dst_dtype == LLMKV_DTYPE_DEFAULT ? pl->dtype : dst_dtype;
+        size_t out_head = (size_t)l->head_dim * llmkv_dtype_size(out_t);
+        unsigned char* dst = (unsigned char*)(part ? v : k);
+        size_t stride = part ? v_stride : k_stride;
+        if (!dst) continue;
+        for (i = 0; i < n_tokens; ++i) {
+            uint32_t p = pos + i;
+            const unsigned char* src = cache->pool + t[p / l->page_size] * l->page_bytes +
+                                       layer * l->layer_stride + pl->offset + (p % l->page_size) * pl->slot_stride;
+            for (h = 0; h < l->n_kv_heads; ++h)
+                llmkv__convert(dst + i * stride + h * out_head, out_t, src + h * pl->head_stride, pl->dtype,
+                               l->head_dim);
+        }
+    }
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
+    llmkv__seq *s, *d;
+    uint32_t src_slot, dst_slot, i;
+    const uint32_t* st;
+    llmkv_seq h;
+    llmkv_result r;
+    if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, src, &src_slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    r = llmkv_seq_create(cache, &h);
+    if (r != LLMKV_OK) return r;
+    d = llmkv__lookup(cache, h, &dst_slot);
+    st = llmkv__table(cache, src_slot);
+    memcpy(llmkv__table(cache, dst_slot), st, (size_t)s->n_pages * 4);
+    for (i = 0; i < s->n_pages; ++i) cache->refcount[st[i]]++;
+    d->length = s->length;
+    d->n_pages = s->n_pages;
+    /* The source's pages just became read-only: batches that could write
+       through its slot mapping must be rebuilt. */
+    s->epoch = ++cache->epoch;
+    *out = h;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    llmkv__seq* s;
+    uint32_t slot, keep;
+    const uint32_t* t;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (n_tokens > s->length) return LLMKV_ERR_OUT_OF_RANGE;
+    if (n_tokens == s->length) return LLMKV_OK;
+    t = llmkv__table(cache, slot);
+    keep = llmkv__div_up(n_tokens, cache->layout.page_size);
+    while (s->n_pages > keep) llmkv__page_release(cache, t[--s->n_pages]);
+    s->length = n_tokens;
+    s->epoch = ++cache->epoch;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
+                                            uint32_t* n_cmds) {
+    uint32_t n, i;
+    if (!cache || !n_cmds || (!cmds && max_cmds)) return LLMKV_ERR_INVALID_ARGUMENT;
+    n = cache->copy_count < max_cmds ? cache->copy_count : max_cmds;
+    for (i = 0; i < n; ++i) cmds[i] = cache->copies[(cache->copy_head + i) % cache->copy_cap];
+    if (n) cache->copy_head = (cache->copy_head + n) % cache->copy_cap;
+    cache->copy_count -= n;
+    *n_cmds = n;
+    return LLMKV_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Batches                                                                  */
+/* ------------------------------------------------------------------------ */
+
+struct llmkv_batch {
+    const llmkv_cache* cache;
+    llmkv_allocator alloc;
+    void* block;
+    size_t block_size;
+    uint32_t max_seqs, max_tokens;
+    uint32_t n_seqs, n_tokens, block_table_stride;
+    uint32_t mark;
+    llmkv_seq* seqs;          /* [max_seqs] handles of the built step */
+    uint64_t* epochs;         /* [max_seqs] their epochs when built */
+    uint32_t* seen;           /* [cache max_seqs] duplicate marks by slot */
+    int32_t *qo_indptr, *seq_lens, *kv_indptr, *kv_indices, *kv_last_page_len, *block_table, *positions;
+    int64_t* slot_mapping;
+};
+
+static uint64_t llmkv__batch_carve(llmkv__carver* c, llmkv_batch* b, const llmkv_cache* kv, uint32_t ms, uint32_t mt) {
+    uint64_t entries = (uint64_t)ms * kv->max_pages_per_seq;
+    llmkv__carve(c, sizeof(llmkv_batch));
+    b->seqs = (llmkv_seq*)llmkv__carve(c, (uint64_t)ms * sizeof(llmkv_seq));
+    b->epochs = (uint64_t*)llmkv__carve(c, (uint64_t)ms * 8);
+    b->seen = (uint32_t*)llmkv__carve(c, (uint64_t)kv->desc.max_seqs * 4);
+    b->qo_indptr = (int32_t*)llmkv__carve(c, ((uint64_t)ms + 1) * 4);
+    b->seq_lens = (int32_t*)llmkv__carve(c, (uint64_t)ms * 4);
+    b->kv_indptr = (int32_t*)llmkv__carve(c, ((uint64_t)ms + 1) * 4);
+    b->kv_last_page_len = (int32_t*)llmkv__carve(c, (uint64_t)ms * 4);
+    b->kv_indices = (int32_t*)llmkv__carve(c, entries * 4);
+    b->block_table = (int32_t*)llmkv__carve(c, entries * 4);
+    b->positions = (int32_t*)llmkv__carve(c, (uint64_t)mt * 4);
+    b->slot_mapping = (int64_t*)llmkv__carve(c, (uint64_t)mt * 8);
+    return llmkv__align_up(c->used, LLMKV__ALIGN);
+}
+
+LLMKV_API llmkv_result llmkv_batch_create(const llmkv_cache* cache, uint32_t max_seqs, uint32_t max_tokens,
+                                          llmkv_batch** out) {
+    llmkv__carver c;
+    llmkv_batch tmp, *b;
+    uint64_t size;
+    void* block;
+    if (!out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (!cache || max_seqs == 0 || max_seqs > cache->desc.max_seqs || max_tokens > LLMKV__MAX_LEN)
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    c.base = NULL;
+    c.used = 0;
+    size = llmkv__batch_carve(&c, &tmp, cache, max_seqs, max_tokens);
+    if (size > (uint64_t)(size_t)-1 / 2) return LLMKV_ERR_OUT_OF_MEMORY;
+    block = cache->alloc.alloc ? cache->alloc.alloc((size_t)size, LLMKV__ALIGN, cache->alloc.user)
+                               : llmkv__default_alloc((size_t)size, LLMKV__ALIGN, NULL);
+    if (!block) return LLMKV_ERR_OUT_OF_MEMORY;
+    c.base = (unsigned char*)block;
+    c.used = 0;
+    b = (llmkv_batch*)block;
+    memset(b, 0, sizeof *b);
+    llmkv__batch_carve(&c, b, cache, max_seqs, max_tokens);
+    memset(b->seen, 0, (size_t)cache->desc.max_seqs * 4);
+    b->cache = cache;
+    b->alloc = cache->alloc;
+    if (!b->alloc.alloc) { b->alloc.alloc = llmkv__default_alloc; b->alloc.free = llmkv__default_free; }
+    b->block = block;
+    b->block_size = (size_t)size;
+    b->max_seqs = max_seqs;
+    b->max_tokens = max_tokens;
+    b->qo_indptr[0] = 0;
+    b->kv_indptr[0] = 0;
+    *out = b;
+    return LLMKV_OK;
+}
+
+LLMKV_API void llmkv_batch_destroy(llmkv_batch* batch) {
+    llmkv_allocator a;
+    if (!batch) return;
+    a = batch->alloc;
+    a.free(batch->block, batch->block_size, a.user);
+}
+
+LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
+                                         uint32_t n_seqs) {
+    const llmkv_cache* kv;
+    uint64_t tokens = 0;
+    uint32_t i, j, mark, stride = 0, ps, row = 0, idx = 0;
+    if (!batch) return LLMKV_ERR_INVALID_ARGUMENT;
+    batch->n_seqs = 0;
+    batch->n_tokens = 0;
+    batch->block_table_stride = 0;
+    if (n_seqs && (!seqs || !q_lens)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (n_seqs > batch->max_seqs) return LLMKV_ERR_BATCH_FULL;
+    kv = batch->cache;
+    ps = kv->layout.page_size;
+    mark = ++batch->mark;
+    if (mark == 0) {
+        memset(batch->seen, 0, (size_t)kv->desc.max_seqs * 4);
+        mark = batch->mark = 1;
+    }
+    for (i = 0; i < n_seqs; ++i) {
+        uint32_t slot;
+        const llmkv__seq* s = llmkv__lookup(kv, seqs[i], &slot);
+        if (!s) return LLMKV_ERR_STALE_HANDLE;
+        if (batch->seen[slot] == mark) return LLMKV_ERR_INVALID_ARGUMENT;
+        batch->seen[slot] = mark;
+        if (q_lens[i] > s->length) return LLMKV_ERR_OUT_OF_RANGE;
+        tokens += q_lens[i];
+        if (s->n_pages > stride) stride = s->n_pages;
+    }
+    if (tokens > batch->max_tokens) return LLMKV_ERR_BATCH_FULL;
+    for (i = 0; i < n_seqs; ++i) {
+        uint32_t slot;
+        const llmkv__seq* s = llmkv__lookup(kv, seqs[i], &slot);
+        const uint32_t* t = llmkv__table(kv, slot);
+        int32_t* bt = batch->block_table + (size_t)i * stride;
+        batch->seqs[i] = seqs[i];
+        batch->epochs[i] = s->epoch;
+        batch->seq_lens[i] = (int32_t)s->length;
+        batch->kv_last_page_len[i] = s->length ? (int32_t)(s->length - (s->n_pages - 1) * ps) : 0;
+        for (j = 0; j < s->n_pages; ++j) {
+            batch->kv_indices[idx + j] = (int32_t)t[j];
+            bt[j] = (int32_t)t[j];
+        }
+        for (; j < stride; ++j) bt[j] = 0;
+        idx += s->n_pages;
+        batch->kv_indptr[i + 1] = (int32_t)idx;
+        for (j = s->length - q_lens[i]; j < s->length; ++j, ++row) {
+            batch->positions[row] = (int32_t)j;
+            batch->slot_mapping[row] = (int64_t)t[j / ps] * ps + j % ps;
+        }
+        batch->qo_indptr[i + 1] = (int32_t)row;
+    }
+    batch->n_seqs = n_seqs;
+    batch->n_tokens = row;
+    batch->block_table_stride = stride;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
+    uint32_t i;
+    if (!batch) return LLMKV_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < batch->n_seqs; ++i) {
+        const llmkv__seq* s = llmkv__lookup(batch->cache, batch->seqs[i], NULL);
+        if (!s || s->epoch != batch->epochs[i]) return LLMKV_ERR_STALE_BATCH;
+    }
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info) {
+    llmkv_result r;
+    if (!batch || !info) return LLMKV_ERR_INVALID_ARGUMENT;
+    memset(info, 0, sizeof *info);
+    r = llmkv_batch_check(batch);
+    if (r != LLMKV_OK) return r;
+    info->n_seqs = batch->n_seqs;
+    info->n_tokens = batch->n_tokens;
+    info->page_size = batch->cache->layout.page_size;
+    info->qo_indptr = batch->qo_indptr;
+    info->seq_lens = batch->seq_lens;
+    info->kv_indptr = batch->kv_indptr;
+    info->kv_indices = batch->kv_indices;
+    info->kv_last_page_len = batch->kv_last_page_len;
+    info->block_table = batch->block_table;
+    info->block_table_stride = batch->block_table_stride;
+    info->slot_mapping = batch->slot_mapping;
+    info->positions = batch->positions;
+    return LLMKV_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Statistics, planning, presets, checking                                  */
+/* ------------------------------------------------------------------------ */
+
+LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
+    uint32_t i, j, ps;
+    uint64_t slots = 0;
+    if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    memset(out, 0, sizeof *out);
+    ps = cache->layout.page_size;
+    out->n_pages_total = cache->n_pages;
+    out->n_pages_free = cache->n_free;
+    out->n_pages_used = cache->n_pages - cache->n_free;
+    out->n_seqs = cache->n_live;
+    out->n_pending_copies = cache->copy_count;
+    out->page_bytes = cache->layout.page_bytes;
+    out->pool_bytes = cache->layout.page_bytes * cache->n_pages;
+    out->used_bytes = cache->layout.page_bytes * out->n_pages_used;
+    out->metadata_bytes = cache->meta_bytes;
+    for (i = 0; i < cache->n_pages; ++i) out->n_pages_shared += cache->refcount[i] > 1;
+    /* scratch[p] = the most slots any sequence uses in page p. */
+    memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
+    for (i = 0; i < cache->desc.max_seqs; ++i) {
+        const llmkv__seq* s = &cache->seqs[i];
+        const uint32_t* t = llmkv__table(cache, i);
+        if (!s->live) continue;
+        out->n_tokens += s->length;
+        for (j = 0; j < s->n_pages; ++j) {
+            uint32_t used = s->length - j * ps < ps ? s->length - j * ps : ps;
+            if (used > cache->scratch[t[j]]) cache->scratch[t[j]] = used;
+        }
+    }
+    for (i = 0; i < cache->n_pages; ++i) slots += cache->scratch[i];
+    out->n_slots_used = slots;
+    out->n_slots_unused = (uint64_t)out->n_pages_used * ps - slots;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_plan_bytes(const llmkv_desc* desc, uint64_t n_tokens, uint64_t* bytes) {
+    llmkv_layout l;
+    llmkv_result r;
+    uint64_t pages;
+    if (!bytes) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv_layout_for(desc, &l);
+    if (r != LLMKV_OK) return r;
+    pages = n_tokens / l.page_size + (n_tokens % l.page_size != 0);
+    if (pages && l.page_bytes > (uint64_t)-1 / pages) return LLMKV_ERR_OUT_OF_RANGE;
+    *bytes = pages * l.page_bytes;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_plan_tokens(const llmkv_desc* desc, uint64_t bytes, uint64_t* n_tokens) {
+    llmkv_layout l;
+    llmkv_result r;
+    if (!n_tokens) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv_layout_for(desc, &l);
+    if (r != LLMKV_OK) return r;
+    *n_tokens = bytes / l.page_bytes * l.page_size;
+    return LLMKV_OK;
+}
+
+/* From each model's published configuration (config.json): layers,
+   attention heads, key/value heads, head dimension, context length. */
+static const llmkv_model_preset llmkv__presets[] = {
+    {"llama-3-8b", 32, 32, 8, 128, 8192},
+    {"llama-3.1-8b", 32, 32, 8, 128, 131072},
+    {"llama-3-70b", 80, 64, 8, 128, 8192},
+    {"llama-3.1-70b", 80, 64, 8, 128, 131072},
+    {"llama-2-7b", 32, 32, 32, 128, 4096},
+    {"mistral-7b", 32, 32, 8, 128, 32768},
+    {"mixtral-8x7b", 32, 32, 8, 128, 32768},
+    {"qwen2.5-7b", 28, 28, 4, 128, 32768},
+    {"qwen2.5-72b", 80, 64, 8, 128, 32768},
+    {"phi-3-mini", 32, 32, 32, 96, 4096},
+    {"gemma-2-9b", 42, 16, 8, 256, 8192},
+    {"gemma-2-27b", 46, 32, 16, 128, 8192},
+    {"stories260k", 5, 8, 4, 8, 512},
+};
+
+LLMKV_API const llmkv_model_preset* llmkv_model_presets(uint32_t* count) {
+    if (count) *count = (uint32_t)(sizeof llmkv__presets / sizeof llmkv__presets[0]);
+    return llmkv__presets;
+}
+
+static int llmkv__lower(int c) { return c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c; }
+
+LLMKV_API const llmkv_model_preset* llmkv_model_preset_find(const char* name) {
+    uint32_t i, n;
+    const llmkv_model_preset* p = llmkv_model_presets(&n);
+    if (!name) return NULL;
+    for (i = 0; i < n; ++i) {
+        const char *a = p[i].name, *b = name;
+        while (*a && llmkv__lower((unsigned char)*a) == llmkv__lower((unsigned char)*b)) { ++a; ++b; }
+        if (!*a && !*b) return &p[i];
+    }
+    return NULL;
+}
+
+LLMKV_API llmkv_result llmkv_desc_from_preset(llmkv_desc* desc, const char* name) {
+    const llmkv_model_preset* p = llmkv_model_preset_find(name);
+    if (!desc || !p) return LLMKV_ERR_INVALID_ARGUMENT;
+    desc->n_layers = p->n_layers;
+    desc->n_kv_heads = p->n_kv_heads;
+    desc->head_dim = p->head_dim;
+    return LLMKV_OK;
+}
+
+static llmkv_result llmkv__corrupt(char* msg, size_t size, const char* fmt, ...) {
+    va_list ap;
+    if (msg && size) {
+        va_start(ap, fmt);
+        vsnprintf(msg, size, fmt, ap);
+        va_end(ap);
+    }
+    return LLMKV_ERR_CORRUPT;
+}
+
+LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
+    uint32_t i, j, ps, live = 0, free_slots = 0, slot;
+    if (message && message_size) message[0] = '\0';
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    ps = cache->layout.page_size;
+    /* Page tables: lengths, page counts, ids; recount references. */
+    memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
+    for (i = 0; i < cache->desc.max_seqs; ++i) {
+        const llmkv__seq* s = &cache->seqs[i];
+        const uint32_t* t = llmkv__table(cache, i);
+        if (s->gen == 0 || s->gen > cache->gen_max)
+            return llmkv__corrupt(message, message_size, "slot %u: generation %u out of range", i, s->gen);
+        if (!s->live) {
+            if (s->length || s->n_pages)
+                return llmkv__corrupt(message, message_size, "free slot %u holds %u positions", i, s->length);
+            continue;
+        }
+        live++;
+        if (s->length > cache->desc.max_seq_len)
+            return llmkv__corrupt(message, message_size, "slot %u: length %u > max_seq_len", i, s->length);
+        if (s->n_pages != llmkv__div_up(s->length, ps))
+            return llmkv__corrupt(message, message_size, "slot %u: %u pages for %u positions", i, s->n_pages, s->length);
+        if (s->epoch > cache->epoch)
+            return llmkv__corrupt(message, message_size, "slot %u: epoch from the future", i);
+        for (j = 0; j < s->n_pages; ++j) {
+            if (t[j] >= cache->n_pages)
+                return llmkv__corrupt(message, message_size, "slot %u: page %u of its table is id %u >= %u", i, j,
+                                      t[j], cache->n_pages);
+            cache->scratch[t[j]]++;
+        }
+    }
+    if (live != cache->n_live)
+        return llmkv__corrupt(message, message_size, "%u live slots but n_live %u", live, cache->n_live);
+    for (i = 0; i < cache->n_pages; ++i)
+        if (cache->scratch[i] != cache->refcount[i])
+            return llmkv__corrupt(message, message_size, "page %u: refcount %u but %u page-table references", i,
+                                  cache->refcount[i], cache->scratch[i]);
+    /* Free list: only unreferenced pages, each once, and every such page. */
+    if (cache->n_free > cache->n_pages)
+        return llmkv__corrupt(message, message_size, "free list holds %u of %u pages", cache->n_free, cache->n_pages);
+    for (i = 0; i < cache->n_free; ++i) {
+        uint32_t p = cache->free_pages[i];
+        if (p >= cache->n_pages) return llmkv__corrupt(message, message_size, "free list entry %u is id %u", i, p);
+        if (cache->refcount[p] != 0)
+            return llmkv__corrupt(message, message_size, "page %u is free but has refcount %u", p, cache->refcount[p]);
+        if (cache->scratch[p] == 0xffffffffu)
+            return llmkv__corrupt(message, message_size, "page %u is on the free list twice", p);
+        cache->scratch[p] = 0xffffffffu;
+    }
+    for (i = 0; i < cache->n_pages; ++i)
+        if (cache->refcount[i] == 0 && cache->scratch[i] != 0xffffffffu)
+            return llmkv__corrupt(message, message_size, "page %u is unreferenced but not free (leaked)", i);
+    /* Free-slot FIFO: exactly the dead slots, no cycle. */
+    for (slot = cache->free_head; slot != LLMKV__NO_SLOT; slot = cache->seqs[slot].next_free) {
+        if (slot >= cache->desc.max_seqs || cache->seqs[slot].live || ++free_slots > cache->desc.max_seqs)
+            return llmkv__corrupt(message, message_size, "free-slot list is broken at slot %u", slot);
+        if (cache->seqs[slot].next_free == LLMKV__NO_SLOT && slot != cache->free_tail)
+            return llmkv__corrupt(message, message_size, "free-slot list ends at %u, tail says %u", slot,
+                                  cache->free_tail);
+    }
+    if (free_slots + live != cache->desc.max_seqs)
+        return llmkv__corrupt(message, message_size, "%u free + %u live slots != max_seqs %u", free_slots, live,
+                              cache->desc.max_seqs);
+    /* Copy queue: bounded, page ids in range. */
+    if (cache->copy_count > cache->copy_cap)
+        return llmkv__corrupt(message, message_size, "copy queue holds %u of %u", cache->copy_count, cache->copy_cap);
+    for (i = 0; i < cache->copy_count; ++i) {
+        const llmkv_copy_cmd* c = &cache->copies[(cache->copy_head + i) % cache->copy_cap];
+        if (c->src_page >= cache->n_pages || c->dst_page >= cache->n_pages || c->n_slots == 0 || c->n_slots > ps)
+            return llmkv__corrupt(message, message_size, "copy command %u is out of range", i);
+    }
+    return LLMKV_OK;
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+/* LLMKV_IMPLEMENTATION_DONE */
+#endif /* LLMKV_IMPLEMENTATION_ONCE */
+#endif /* LLMKV_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under 2 licenses -- choose whichever you prefer.
+------------------------------------------------------------------------------
+ALTERNATIVE A - MIT License
+Copyright (c) 2026 the llmkv authors
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+ALTERNATIVE B - Public Domain (www.unlicense.org)
+This is free and unencumbered software released into the public domain.
+Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+software, either in source code form or as a compiled binary, for any purpose,
+commercial or non-commercial, and by any means.
+In jurisdictions that recognize copyright laws, the author or authors of this
+software dedicate any and all copyright interest in the software to the public
+domain. We make this dedication for the benefit of the public at large and to
+the detriment of all present and future heirs and successors. We intend this
+dedication to be an overt act of relinquishment in perpetuity of all present
+and future rights to this software under copyright law.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN
+ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION
+WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+------------------------------------------------------------------------------
+*/
