@@ -111,7 +111,11 @@
 
 #ifndef LLMKV_API
 #ifdef LLMKV_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define LLMKV_API static __attribute__((unused)) /* a file need not call them all */
+#else
 #define LLMKV_API static
+#endif
 #else
 #define LLMKV_API extern
 #endif

@@ -1,0 +1,46 @@
+# llmkv - build everything CPU-side into build/.
+#   make         build the examples, tests and benchmarks
+#   make test    build and run the test suite (last line: "N passed, N failed")
+#   make demo    build and run build/quickstart
+#   make bench   build and run the benchmarks
+# Variables: CC, CFLAGS, LDFLAGS, TEST_FLAGS (extra flags for the test binary),
+# BUILD (output directory, default build).
+
+CC      ?= cc
+BUILD   ?= build
+OPT     ?= -O2 -g
+WARN    ?= -Wall -Wextra -Wpedantic -Wshadow
+CFLAGS  ?= $(OPT) -std=c99 $(WARN)
+LDFLAGS ?=
+LDLIBS  ?= -lm
+
+HEADERS   := llmkv.h
+TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_fault.c tests/llmkv_impl.c
+
+.PHONY: all test demo bench clean
+
+all: $(BUILD)/quickstart $(BUILD)/tests $(BUILD)/bench_cache_ops
+
+$(BUILD):
+	@mkdir -p $(BUILD)
+
+$(BUILD)/quickstart: examples/quickstart.c $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ examples/quickstart.c $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/tests: $(TEST_SRCS) tests/test_util.h $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) $(TEST_FLAGS) -o $@ $(TEST_SRCS) $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/bench_cache_ops: bench/bench_cache_ops.c $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ bench/bench_cache_ops.c $(LDFLAGS) $(LDLIBS)
+
+test: $(BUILD)/tests
+	./$(BUILD)/tests
+
+demo: $(BUILD)/quickstart
+	./$(BUILD)/quickstart
+
+bench: $(BUILD)/bench_cache_ops
+	./$(BUILD)/bench_cache_ops
+
+clean:
+	rm -rf $(BUILD)
