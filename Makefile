@@ -34,13 +34,13 @@ $(BUILD)/bench_cache_ops: bench/bench_cache_ops.c $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ bench/bench_cache_ops.c $(LDFLAGS) $(LDLIBS)
 
 test: $(BUILD)/tests
-	./$(BUILD)/tests
+	$(BUILD)/tests
 
 demo: $(BUILD)/quickstart
-	./$(BUILD)/quickstart
+	$(BUILD)/quickstart
 
 bench: $(BUILD)/bench_cache_ops
-	./$(BUILD)/bench_cache_ops
+	$(BUILD)/bench_cache_ops
 
 clean:
 	rm -rf $(BUILD)

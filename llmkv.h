@@ -971,6 +971,7 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     kv->pool = (unsigned char*)pages;
 
     memset(kv->refcount, 0, (size_t)d->n_pages * 4);
+    memset(kv->scratch, 0, (size_t)d->n_pages * 4); /* kept all zero between calls */
     for (i = 0; i < d->n_pages; ++i) kv->free_pages[i] = d->n_pages - 1 - i; /* page 0 on top */
     kv->n_free = d->n_pages;
     memset(kv->seqs, 0, (size_t)d->max_seqs * sizeof(llmkv__seq));
@@ -1336,10 +1337,19 @@ LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, 
     return LLMKV_OK;
 }
 
+/* The tail page a reserve of n_tokens writes into when it is shared (the
+   new slots start inside it), or LLMKV__NO_SLOT. */
+static uint32_t llmkv__shared_tail(const llmkv_cache* kv, uint32_t slot, const llmkv__seq* s, uint32_t n_tokens) {
+    uint32_t p;
+    if (n_tokens == 0 || s->length % kv->layout.page_size == 0) return LLMKV__NO_SLOT;
+    p = llmkv__table(kv, slot)[s->n_pages - 1];
+    return kv->refcount[p] > 1 ? p : LLMKV__NO_SLOT;
+}
+
 LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
                                           uint32_t n_seqs) {
     uint64_t pages_needed = 0, copies_needed = 0;
-    uint32_t i, mark, ps;
+    uint32_t i, mark, ps, slot = 0;
     if (!cache || (n_seqs && (!seqs || !n_tokens))) return LLMKV_ERR_INVALID_ARGUMENT;
     ps = cache->layout.page_size;
     mark = ++cache->mark;
@@ -1347,28 +1357,38 @@ LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* s
         for (i = 0; i < cache->desc.max_seqs; ++i) cache->seqs[i].mark = 0;
         mark = cache->mark = 1;
     }
-    /* Plan: validate everything and count the pages before touching state. */
+    /* Validate everything before counting or touching state. */
     for (i = 0; i < n_seqs; ++i) {
-        uint32_t slot, new_len;
         llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
         if (!s) return LLMKV_ERR_STALE_HANDLE;
         if (s->mark == mark) return LLMKV_ERR_INVALID_ARGUMENT; /* listed twice */
         s->mark = mark;
         if (n_tokens[i] > cache->desc.max_seq_len - s->length) return LLMKV_ERR_SEQUENCE_TOO_LONG;
-        if (n_tokens[i] == 0) continue;
-        new_len = s->length + n_tokens[i];
-        pages_needed += llmkv__div_up(new_len, ps) - s->n_pages;
-        if (s->length % ps) { /* the new slots start inside the tail page */
-            uint32_t shared = llmkv__shared_in_range(cache, slot, s->length - 1, s->length);
-            pages_needed += shared;
-            copies_needed += shared;
-        }
     }
+    /* Count pages. A shared tail page with w writers among r references
+       needs min(w, r - 1) copies: the last writer left holds it alone.
+       scratch[] is all zero between calls; writers are counted there and
+       the entries touched are zeroed again in the second loop. */
+    for (i = 0; i < n_seqs; ++i) {
+        const llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
+        uint32_t p = llmkv__shared_tail(cache, slot, s, n_tokens[i]);
+        if (n_tokens[i]) pages_needed += llmkv__div_up(s->length + n_tokens[i], ps) - s->n_pages;
+        if (p != LLMKV__NO_SLOT) cache->scratch[p]++;
+    }
+    for (i = 0; i < n_seqs; ++i) {
+        const llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
+        uint32_t p = llmkv__shared_tail(cache, slot, s, n_tokens[i]), w;
+        if (p == LLMKV__NO_SLOT || cache->scratch[p] == 0) continue;
+        w = cache->scratch[p];
+        copies_needed += w < cache->refcount[p] - 1 ? w : cache->refcount[p] - 1;
+        cache->scratch[p] = 0;
+    }
+    pages_needed += copies_needed;
     if (pages_needed > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
     if (!cache->pool && copies_needed > cache->copy_cap - cache->copy_count) return LLMKV_ERR_COPY_QUEUE_FULL;
     /* Apply: nothing below can fail. */
     for (i = 0; i < n_seqs; ++i) {
-        uint32_t slot, new_len, new_pages;
+        uint32_t new_len, new_pages;
         uint32_t* t;
         llmkv__seq* s = llmkv__lookup(cache, seqs[i], &slot);
         if (n_tokens[i] == 0) continue;
@@ -1487,7 +1507,7 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
 
 LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
     llmkv__seq *s, *d;
-    uint32_t src_slot, dst_slot, i;
+    uint32_t src_slot = 0, dst_slot = 0, i;
     const uint32_t* st;
     llmkv_seq h;
     llmkv_result r;
@@ -1738,6 +1758,7 @@ LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
         }
     }
     for (i = 0; i < cache->n_pages; ++i) slots += cache->scratch[i];
+    memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
     out->n_slots_used = slots;
     out->n_slots_unused = (uint64_t)out->n_pages_used * ps - slots;
     return LLMKV_OK;
@@ -1822,10 +1843,8 @@ static llmkv_result llmkv__corrupt(char* msg, size_t size, const char* fmt, ...)
     return LLMKV_ERR_CORRUPT;
 }
 
-LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
+static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t message_size) {
     uint32_t i, j, ps, live = 0, free_slots = 0, slot;
-    if (message && message_size) message[0] = '\0';
-    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
     ps = cache->layout.page_size;
     /* Page tables: lengths, page counts, ids; recount references. */
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
@@ -1894,6 +1913,18 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
             return llmkv__corrupt(message, message_size, "copy command %u is out of range", i);
     }
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
+    llmkv_result r;
+    uint32_t i;
+    if (message && message_size) message[0] = '\0';
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < cache->n_pages; ++i)
+        if (cache->scratch[i]) return llmkv__corrupt(message, message_size, "scratch entry %u not clear", i);
+    r = llmkv__check(cache, message, message_size);
+    memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
+    return r;
 }
 
 #ifdef __cplusplus

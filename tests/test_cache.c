@@ -541,6 +541,41 @@ static void test_reserve_many_is_atomic(tst* t) {
     llmkv_cache_destroy(kv);
 }
 
+/* Several listed sequences sharing one tail page: the last writer keeps the
+   page, so w writers among r references need min(w, r - 1) copies. */
+static void test_reserve_many_shared_tail(tst* t) {
+    llmkv_desc d = small_desc(4, 2);
+    llmkv_cache* kv;
+    llmkv_seq s[3];
+    uint32_t one[3] = {1, 1, 1}, pa[2], pb[2], n;
+    llmkv_stats st;
+    OK(t, llmkv_cache_create(&d, &kv));
+    OK(t, llmkv_seq_create(kv, &s[0]));
+    OK(t, append(kv, s[0], 2));
+    OK(t, llmkv_fork(kv, s[0], &s[1]));
+    OK(t, llmkv_reserve_many(kv, s, one, 2)); /* one copy, into the one free page */
+    OK(t, llmkv_seq_pages(kv, s[0], pa, 2, &n));
+    OK(t, llmkv_seq_pages(kv, s[1], pb, 2, &n));
+    TST_CHECK(t, pa[0] != pb[0]);
+    OK(t, llmkv_cache_stats(kv, &st));
+    TST_EQ(t, st.n_pages_free, 0);
+    TST_CHECK(t, check_ok(kv));
+    llmkv_cache_destroy(kv);
+    /* Three holders, two writers: two copies; with one free page, refused. */
+    OK(t, llmkv_cache_create(&d, &kv));
+    OK(t, llmkv_seq_create(kv, &s[0]));
+    OK(t, append(kv, s[0], 2));
+    OK(t, llmkv_fork(kv, s[0], &s[1]));
+    OK(t, llmkv_fork(kv, s[0], &s[2]));
+    TST_EQ(t, llmkv_reserve_many(kv, s, one, 2), LLMKV_ERR_OUT_OF_PAGES);
+    TST_CHECK(t, holds_vals(kv, s[0]) && holds_vals(kv, s[1]));
+    TST_CHECK(t, check_ok(kv)); /* the failed plan left no trace in scratch */
+    OK(t, llmkv_seq_free(kv, s[2]));
+    OK(t, llmkv_reserve_many(kv, s, one, 2));
+    TST_CHECK(t, check_ok(kv));
+    llmkv_cache_destroy(kv);
+}
+
 static void test_put_and_gather(tst* t) {
     llmkv_desc d = small_desc(3, 8);
     llmkv_cache* kv;
@@ -969,6 +1004,7 @@ void suite_cache(tst* t) {
     TST_RUN(t, test_handles_and_generations);
     TST_RUN(t, test_reserve_pages);
     TST_RUN(t, test_reserve_many_is_atomic);
+    TST_RUN(t, test_reserve_many_shared_tail);
     TST_RUN(t, test_put_and_gather);
     TST_RUN(t, test_fork_shares_then_copies);
     TST_RUN(t, test_put_copies_page_shared_after_reserve);
