@@ -12,14 +12,14 @@ OPT     ?= -O2 -g
 WARN    ?= -Wall -Wextra -Wpedantic -Wshadow
 CFLAGS  ?= $(OPT) -std=c99 $(WARN)
 LDFLAGS ?=
-LDLIBS  ?= -lm
+LDLIBS  ?= -lm -pthread
 
 HEADERS   := llmkv.h
 TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_fault.c tests/llmkv_impl.c
 
 .PHONY: all test demo bench clean
 
-all: $(BUILD)/quickstart $(BUILD)/tests $(BUILD)/bench_cache_ops
+all: $(BUILD)/quickstart $(BUILD)/tests $(BUILD)/bench_cache_ops $(BUILD)/bench_attn_cpu
 
 $(BUILD):
 	@mkdir -p $(BUILD)
@@ -33,14 +33,18 @@ $(BUILD)/tests: $(TEST_SRCS) tests/test_util.h $(HEADERS) | $(BUILD)
 $(BUILD)/bench_cache_ops: bench/bench_cache_ops.c $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ bench/bench_cache_ops.c $(LDFLAGS) $(LDLIBS)
 
+$(BUILD)/bench_attn_cpu: bench/bench_attn_cpu.c $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) -pthread -o $@ bench/bench_attn_cpu.c $(LDFLAGS) $(LDLIBS) -lpthread
+
 test: $(BUILD)/tests
 	$(BUILD)/tests
 
 demo: $(BUILD)/quickstart
 	$(BUILD)/quickstart
 
-bench: $(BUILD)/bench_cache_ops
+bench: $(BUILD)/bench_cache_ops $(BUILD)/bench_attn_cpu
 	$(BUILD)/bench_cache_ops
+	$(BUILD)/bench_attn_cpu
 
 clean:
 	rm -rf $(BUILD)

@@ -31,6 +31,10 @@
                                the pointers itself, to 64 bytes.
        LLMKV_ASSERT(x)   impl  internal-invariant assertion (default:
                                assert). Never used to check caller input.
+       LLMKV_NO_THREADS  impl  no pthreads: llmkv_threadpool runs on the
+                               calling thread only. Otherwise link with
+                               -pthread (POSIX threads).
+       LLMKV_NO_SIMD     impl  compile only the scalar attention kernels.
 
    MANUAL
 
@@ -75,6 +79,21 @@
            llmkv_seq_free(kv, s);
            llmkv_cache_destroy(kv);
 
+       Attention reads the pages directly. Per step, after the puts of a
+       layer, describe the step once with a batch and attend:
+
+           llmkv_batch_build(batch, seqs, q_lens, n_seqs);   // once per step
+           llmkv_attn_desc a = {0};
+           a.layer = layer; a.n_q_heads = 32; a.q = q; a.out = out;
+           llmkv_attend(kv, batch, &a, pool);                // pool may be NULL
+
+       Query heads are grouped onto KV heads (GQA; MHA and MQA are the ends),
+       masking is causal by position (a step's q_lens[i] queries are the
+       newest positions of sequence i, so prefill, chunked prefill and
+       decode are one call), with optional sliding window, soft-capping and
+       log-sum-exp output. The kernels (scalar, AVX2, AVX-512, NEON) are
+       chosen at run time.
+
        Every fallible function returns llmkv_result: LLMKV_OK (0) or a
        negative code (llmkv_result_string() names it). A failed call leaves
        the cache exactly as it was. After creation the cache allocates
@@ -92,9 +111,9 @@
 
        A cache is not internally locked: calls that change a cache must not
        run concurrently with any other call on the same cache. Read-only
-       calls (those taking `const llmkv_cache*`) may run concurrently with
-       each other. Distinct caches are independent. Each function states its
-       rule.
+       calls (those taking `const llmkv_cache*`, attention included) may run
+       concurrently with each other. Distinct caches are independent. Each
+       function states its rule.
 
    LICENSE: see the end of this file.
 */
@@ -533,6 +552,98 @@ LLMKV_API llmkv_result llmkv_desc_from_preset(llmkv_desc* desc, const char* name
    O(pages + table entries). Changes no state, but recounts references in
    the cache's scratch memory. Thread safety: counts as a mutating call. */
 LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size);
+
+/* ------------------------------------------------------------------------ */
+/* CPU attention                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* CPU code paths. x86 chooses at run time (cpuid + xgetbv), so one binary
+   runs on every x86-64 machine; AArch64 always has NEON. */
+typedef enum llmkv_cpu_path {
+    LLMKV_CPU_PATH_AUTO = 0,    /* the best supported; env LLMKV_CPU_PATH=scalar|avx2|avx512|neon overrides */
+    LLMKV_CPU_PATH_SCALAR = 1,  /* portable C: the reference every other path is tested against */
+    LLMKV_CPU_PATH_AVX2 = 2,    /* AVX2 + FMA + F16C */
+    LLMKV_CPU_PATH_AVX512 = 3,  /* AVX-512 F/BW/VL/DQ, with AVX512-BF16 dot products when present */
+    LLMKV_CPU_PATH_NEON = 4     /* AArch64 Advanced SIMD */
+} llmkv_cpu_path;
+
+/* 1 when this build and this machine can run `path` (AUTO: always).
+   Thread safety: any thread. */
+LLMKV_API int llmkv_cpu_path_supported(llmkv_cpu_path path);
+
+/* The path AUTO resolves to: LLMKV_CPU_PATH if set to a supported path,
+   else the best the machine supports. Thread safety: any thread. */
+LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void);
+
+/* "scalar", "avx2", "avx512", "neon" or "auto"; "?" for others. */
+LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path);
+
+/* One attention call over a batch, for one layer. Query row r of the batch
+   (sequence i owns rows [qo_indptr[i], qo_indptr[i+1])) is at position
+   positions[r]; with causal masking it sees keys at positions <= its own,
+   and with a window w > 0 only those > position - w as well. */
+typedef struct llmkv_attn_desc {
+    uint32_t layer;         /* < n_layers */
+    uint32_t n_q_heads;     /* required: a multiple of the cache's n_kv_heads; query
+                               head h reads KV head h / (n_q_heads / n_kv_heads) */
+    const float* q;         /* [n_tokens][n_q_heads][head_dim] F32, 4-byte aligned */
+    size_t q_stride;        /* bytes between token rows; 0: packed */
+    float* out;             /* [n_tokens][n_q_heads][head_dim]; may not overlap q */
+    size_t out_stride;      /* bytes between token rows; 0: packed */
+    float* lse;             /* optional [n_tokens][n_q_heads]: log(sum(exp(logit))) of
+                               each row's final logits (natural log; -inf when the row
+                               sees no key, and then its output is zero) */
+    float scale;            /* logit = scale * q.k; 0: 1 / sqrt(head_dim) */
+    float softcap;          /* > 0: logit = softcap * tanh(logit / softcap); 0: off */
+    uint32_t window;        /* sliding window in tokens; 0: off */
+    int non_causal;         /* 1: every row sees every key of its sequence */
+    llmkv_cpu_path path;    /* AUTO by default */
+} llmkv_attn_desc;
+
+/* A small pool of worker threads (pthreads) for llmkv_attend. It also owns
+   the workspace split-K partial results need, grown on demand (the only
+   allocation an attention call can make). */
+typedef struct llmkv_threadpool llmkv_threadpool;
+
+/* Starts n_threads - 1 workers (the calling thread is the n-th); n_threads
+   1..256. `allocator` may be NULL (LLMKV_MALLOC). Returns
+   LLMKV_ERR_UNSUPPORTED for n_threads > 1 when built with LLMKV_NO_THREADS.
+   Thread safety: any thread; one llmkv_attend at a time per pool. */
+LLMKV_API llmkv_result llmkv_threadpool_create(uint32_t n_threads, const llmkv_allocator* allocator,
+                                               llmkv_threadpool** out);
+
+/* Stops the workers and frees the pool. NULL is ignored. */
+LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool);
+
+/* Computes attention for every query row of the batch, reading K/V straight
+   from the pages. pool NULL: on the calling thread alone. The work split
+   depends only on the batch and the thread count, so for a given count the
+   results are bit-for-bit reproducible.
+   Returns LLMKV_ERR_STALE_BATCH if the batch no longer matches the cache,
+   LLMKV_ERR_INVALID_ARGUMENT for a bad descriptor (n_q_heads not a multiple
+   of n_kv_heads, NULL q/out, a batch of another cache), LLMKV_ERR_OUT_OF_RANGE
+   for a layer past the end, LLMKV_ERR_MISALIGNED for q/out/lse or strides not
+   4-byte aligned, LLMKV_ERR_BUFFER_TOO_SMALL for strides shorter than a row,
+   LLMKV_ERR_NO_PAGE_DATA on a metadata-only cache, LLMKV_ERR_UNSUPPORTED for
+   a path this machine cannot run. Nothing is written on error.
+   Thread safety: reads the cache (concurrent attends on one cache are fine
+   as long as nothing mutates it); the pool runs one call at a time. */
+LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch* batch,
+                                    const llmkv_attn_desc* desc, llmkv_threadpool* pool);
+
+/* For an engine's own thread pool: nth threads each call llmkv_attend_part
+   with their ith (0..nth-1), then, once all have returned (a barrier),
+   each calls llmkv_attend_merge with the same arguments. The workspace,
+   shared by all of them, must hold the bytes llmkv_attend_workspace_size
+   reports for this batch, descriptor and nth (0 when nothing is split). */
+LLMKV_API llmkv_result llmkv_attend_workspace_size(const llmkv_cache* cache, const llmkv_batch* batch,
+                                                   const llmkv_attn_desc* desc, uint32_t nth, size_t* bytes);
+LLMKV_API llmkv_result llmkv_attend_part(const llmkv_cache* cache, const llmkv_batch* batch,
+                                         const llmkv_attn_desc* desc, uint32_t ith, uint32_t nth,
+                                         void* workspace, size_t workspace_size);
+LLMKV_API llmkv_result llmkv_attend_merge(const llmkv_cache* cache, const llmkv_batch* batch,
+                                          const llmkv_attn_desc* desc, uint32_t ith, uint32_t nth,
+                                          void* workspace, size_t workspace_size);
 
 /* ------------------------------------------------------------------------ */
 /* Element conversion (scalar, round-to-nearest-even; NaN stays NaN)         */
@@ -1926,6 +2037,1171 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
     return r;
 }
+
+/* ------------------------------------------------------------------------ */
+/* CPU attention: path detection                                           */
+/* ------------------------------------------------------------------------ */
+
+#if !defined(LLMKV_NO_SIMD) && (defined(__x86_64__) || defined(__i386__) || defined(_M_X64)) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define LLMKV__X86 1
+#include <immintrin.h>
+#include <cpuid.h>
+#define LLMKV__T256 __attribute__((target("avx2,fma,f16c")))
+#define LLMKV__T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#endif
+#if !defined(LLMKV_NO_SIMD) && (defined(__aarch64__) || defined(_M_ARM64))
+#define LLMKV__NEON 1
+#include <arm_neon.h>
+#endif
+#include <math.h>
+
+#ifdef LLMKV__X86
+static uint64_t llmkv__xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+/* 1 when the machine (not only the build) can run `path`. */
+static int llmkv__cpu_has(llmkv_cpu_path path) {
+    switch (path) {
+    case LLMKV_CPU_PATH_AUTO:
+    case LLMKV_CPU_PATH_SCALAR: return 1;
+#ifdef LLMKV__X86
+    case LLMKV_CPU_PATH_AVX2:
+    case LLMKV_CPU_PATH_AVX512: {
+        unsigned a, b, c, d;
+        uint64_t xcr;
+        if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+        /* FMA (12), OSXSAVE (27), AVX (28), F16C (29) */
+        if ((c & (1u << 12)) == 0 || (c & (1u << 27)) == 0 || (c & (1u << 28)) == 0 || (c & (1u << 29)) == 0)
+            return 0;
+        xcr = llmkv__xgetbv0();
+        if ((xcr & 6) != 6) return 0; /* the OS saves XMM and YMM state */
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+        if ((b & (1u << 5)) == 0) return 0; /* AVX2 */
+        if (path == LLMKV_CPU_PATH_AVX2) return 1;
+        /* AVX512F (16), DQ (17), BW (30), VL (31), and opmask + ZMM state saved */
+        if ((b & (1u << 16)) == 0 || (b & (1u << 17)) == 0 || (b & (1u << 30)) == 0 || (b & (1u << 31)) == 0)
+            return 0;
+        return (xcr & 0xe6) == 0xe6;
+    }
+#endif
+#ifdef LLMKV__NEON
+    case LLMKV_CPU_PATH_NEON: return 1;
+#endif
+    default: return 0;
+    }
+}
+
+LLMKV_API int llmkv_cpu_path_supported(llmkv_cpu_path path) { return llmkv__cpu_has(path); }
+
+LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path) {
+    switch (path) {
+    case LLMKV_CPU_PATH_AUTO: return "auto";
+    case LLMKV_CPU_PATH_SCALAR: return "scalar";
+    case LLMKV_CPU_PATH_AVX2: return "avx2";
+    case LLMKV_CPU_PATH_AVX512: return "avx512";
+    case LLMKV_CPU_PATH_NEON: return "neon";
+    }
+    return "?";
+}
+
+LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) {
+    const char* env = getenv("LLMKV_CPU_PATH");
+    int p;
+    if (env) {
+        for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_NEON; ++p)
+            if (strcmp(env, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0 && llmkv__cpu_has((llmkv_cpu_path)p))
+                return (llmkv_cpu_path)p;
+    }
+    if (llmkv__cpu_has(LLMKV_CPU_PATH_AVX512)) return LLMKV_CPU_PATH_AVX512;
+    if (llmkv__cpu_has(LLMKV_CPU_PATH_AVX2)) return LLMKV_CPU_PATH_AVX2;
+    if (llmkv__cpu_has(LLMKV_CPU_PATH_NEON)) return LLMKV_CPU_PATH_NEON;
+    return LLMKV_CPU_PATH_SCALAR;
+}
+
+/* ------------------------------------------------------------------------ */
+/* CPU attention: kernels                                                   */
+/*                                                                          */
+/* Each path provides three primitives over one chunk of J <= 64 keys that  */
+/* sit at a fixed stride (one page, one KV head):                           */
+/*   qk:  S[m][j] = Q[m] . K[j]           for M query rows (already scaled) */
+/*   pv:  A[m][:] += sum_j P[m][j] V[j]   the weighted sum of values        */
+/*   ex:  x[i] = exp(x[i] - sub), returning the sum (exp(-inf) is 0)        */
+/* with K/V converted from their storage type in registers. Rows are       */
+/* processed four at a time, so each K/V vector is loaded once for four     */
+/* query heads of a GQA group.                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* k, size_t ks, uint32_t J,
+                             float* S, uint32_t sj);
+typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* v, size_t vs,
+                             uint32_t J, float* acc);
+typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
+
+typedef struct llmkv__kernels {
+    llmkv__qk_fn qk[3]; /* by storage type: F32, F16, BF16 */
+    llmkv__pv_fn pv[3];
+    llmkv__ex_fn ex;
+} llmkv__kernels;
+
+/* --- scalar reference ---------------------------------------------------- */
+
+static float llmkv__ld_f32(const unsigned char* p, uint32_t i) { float f; memcpy(&f, p + 4 * (size_t)i, 4); return f; }
+static float llmkv__ld_f16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_f16_to_f32(h); }
+static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_bf16_to_f32(h); }
+
+#define LLMKV__SCALAR_KERNELS(SUFFIX, LD)                                                                        \
+    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* k,          \
+                                          size_t ks, uint32_t J, float* S, uint32_t sj) {                        \
+        uint32_t m, j, d;                                                                                        \
+        for (j = 0; j < J; ++j)                                                                                  \
+            for (m = 0; m < M; ++m) {                                                                            \
+                float s = 0.0f;                                                                                  \
+                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k + j * ks, d);                           \
+                S[(size_t)m * sj + j] = s;                                                                       \
+            }                                                                                                    \
+    }                                                                                                            \
+    static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
+                                          const unsigned char* v, size_t vs, uint32_t J, float* acc) {           \
+        uint32_t m, j, d;                                                                                        \
+        for (j = 0; j < J; ++j)                                                                                  \
+            for (d = 0; d < D; ++d) {                                                                            \
+                float x = LD(v + j * vs, d);                                                                     \
+                for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
+            }                                                                                                    \
+    }
+LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32)
+LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16)
+LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16)
+
+static float llmkv__ex_scalar(float* x, uint32_t n, float sub) {
+    uint32_t i;
+    float sum = 0.0f;
+    for (i = 0; i < n; ++i) sum += (x[i] = expf(x[i] - sub));
+    return sum;
+}
+
+#ifdef LLMKV__X86
+/* GCC 12 in C++ mode reports (maybe-)uninitialized values inside its own AVX-512
+   intrinsic headers (the _mm512_undefined_ps() they pass as a dummy source;
+   GCC bug 105593, fixed in GCC 13). The warning is about the compiler's
+   headers, not this code, so it is silenced for these kernels alone. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wsign-conversion" /* its -O0 macros pass (__mmask16)-1 to signed builtins */
+#endif
+static LLMKV__T256 float llmkv__hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* --- AVX-512 ------------------------------------------------------------- */
+/* 16 elements per vector; the last partial vector of a row uses a mask, so
+   nothing past head_dim is read. */
+
+static LLMKV__T512 __m512 llmkv__z_f32(__mmask16 m, const unsigned char* p) {
+    return _mm512_maskz_loadu_ps(m, p);
+}
+static LLMKV__T512 __m512 llmkv__z_f16(__mmask16 m, const unsigned char* p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+static LLMKV__T512 __m512 llmkv__z_bf16(__mmask16 m, const unsigned char* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static LLMKV__T512 float llmkv__hsum512(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    return llmkv__hsum256(h);
+}
+
+#define LLMKV__AVX512_KERNELS(SUFFIX, LDM, ES)                                                                    \
+    static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                    \
+                                                      const unsigned char* k, size_t ks, uint32_t J, float* S,    \
+                                                      uint32_t sj) {                                              \
+        uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
+        __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                const unsigned char* kr = k + j * ks;                                                             \
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
+                    __m512 kv = LDM(mk, kr + (size_t)c * 16 * ES);                                                \
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16), kv, a0);                         \
+                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + D + c * 16), kv, a1);                     \
+                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + 2 * D + c * 16), kv, a2);                 \
+                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + 3 * D + c * 16), kv, a3);                 \
+                }                                                                                                 \
+                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                 \
+                S[(size_t)(m + 1) * sj + j] = llmkv__hsum512(a1);                                           \
+                S[(size_t)(m + 2) * sj + j] = llmkv__hsum512(a2);                                           \
+                S[(size_t)(m + 3) * sj + j] = llmkv__hsum512(a3);                                           \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                __m512 a0 = _mm512_setzero_ps();                                                                  \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16),                                  \
+                                         LDM(mk, k + j * ks + (size_t)c * 16 * ES), a0);                          \
+                }                                                                                                 \
+                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,      \
+                                                      const unsigned char* v, size_t vs, uint32_t J,             \
+                                                      float* acc) {                                               \
+        uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
+        __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
+                __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
+                __m512 a1 = _mm512_maskz_loadu_ps(mk, o0 + D + c * 16);                                           \
+                __m512 a2 = _mm512_maskz_loadu_ps(mk, o0 + 2 * D + c * 16);                                       \
+                __m512 a3 = _mm512_maskz_loadu_ps(mk, o0 + 3 * D + c * 16);                                       \
+                for (j = 0; j < J; ++j) {                                                                         \
+                    __m512 vv = LDM(mk, v + j * vs + (size_t)c * 16 * ES);                                        \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), vv, a0);                                          \
+                    a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[sj + j]), vv, a1);                                     \
+                    a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
+                    a3 = _mm512_fmadd_ps(_mm512_set1_ps(p0[3 * sj + j]), vv, a3);                                 \
+                }                                                                                                 \
+                _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
+                _mm512_mask_storeu_ps(o0 + D + c * 16, mk, a1);                                                   \
+                _mm512_mask_storeu_ps(o0 + 2 * D + c * 16, mk, a2);                                               \
+                _mm512_mask_storeu_ps(o0 + 3 * D + c * 16, mk, a3);                                               \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
+                __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
+                for (j = 0; j < J; ++j)                                                                           \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v + j * vs + (size_t)c * 16 * ES), a0);  \
+                _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+LLMKV__AVX512_KERNELS(f32, llmkv__z_f32, 4)
+LLMKV__AVX512_KERNELS(f16, llmkv__z_f16, 2)
+LLMKV__AVX512_KERNELS(bf16, llmkv__z_bf16, 2)
+
+/* exp on [-87, 88] by 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the
+   degree-6 Taylor polynomial (relative error < 2e-7); below -87 (masked
+   keys are -inf) the result is exactly 0. */
+static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
+    __mmask16 tiny = _mm512_mask_cmp_ps_mask((__mmask16)0xffffu, x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    __m512 n, r, p;
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+static LLMKV__T512 float llmkv__ex_avx512(float* x, uint32_t n, float sub) {
+    __m512 s = _mm512_setzero_ps(), b = _mm512_set1_ps(sub);
+    uint32_t i;
+    for (i = 0; i < n; i += 16) {
+        __mmask16 mk = (__mmask16)(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1);
+        __m512 e = llmkv__exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + i), b));
+        e = _mm512_maskz_mov_ps(mk, e);
+        _mm512_mask_storeu_ps(x + i, mk, e);
+        s = _mm512_add_ps(s, e);
+    }
+    return llmkv__hsum512(s);
+}
+
+/* --- AVX2 + FMA + F16C ----------------------------------------------------- */
+/* 8 elements per vector; a row's tail past the last full vector is scalar. */
+
+static LLMKV__T256 __m256 llmkv__y_f32(const unsigned char* p) { return _mm256_loadu_ps((const float*)(const void*)p); }
+static LLMKV__T256 __m256 llmkv__y_f16(const unsigned char* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)p));
+}
+static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)p)), 16));
+}
+
+#define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
+    static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
+                                                    const unsigned char* k, size_t ks, uint32_t J, float* S,      \
+                                                    uint32_t sj) {                                                \
+        uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                const unsigned char* kr = k + j * ks;                                                             \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+                float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __m256 kv = LD(kr + (size_t)c * 8 * ES);                                                      \
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c * 8), kv, a0);                                    \
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c * 8), kv, a1);                                \
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c * 8), kv, a2);                            \
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c * 8), kv, a3);                            \
+                }                                                                                                 \
+                for (d = n * 8; d < D; ++d) {                                                                     \
+                    float x = LDS(kr, d);                                                                         \
+                    t0 += q0[d] * x; t1 += q0[D + d] * x; t2 += q0[2 * D + d] * x; t3 += q0[3 * D + d] * x;       \
+                }                                                                                                 \
+                S[(size_t)m * sj + j] = llmkv__hsum256(a0) + t0;                                                  \
+                S[(size_t)(m + 1) * sj + j] = llmkv__hsum256(a1) + t1;                                            \
+                S[(size_t)(m + 2) * sj + j] = llmkv__hsum256(a2) + t2;                                            \
+                S[(size_t)(m + 3) * sj + j] = llmkv__hsum256(a3) + t3;                                            \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                const unsigned char* kr = k + j * ks;                                                             \
+                __m256 a0 = _mm256_setzero_ps();                                                                  \
+                float t0 = 0;                                                                                     \
+                for (c = 0; c < n; ++c)                                                                           \
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c * 8), LD(kr + (size_t)c * 8 * ES), a0);           \
+                for (d = n * 8; d < D; ++d) t0 += q0[d] * LDS(kr, d);                                             \
+                S[(size_t)m * sj + j] = llmkv__hsum256(a0) + t0;                                                  \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
+                                                    const unsigned char* v, size_t vs, uint32_t J, float* acc) { \
+        uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                __m256 a0 = _mm256_loadu_ps(o0 + c * 8), a1 = _mm256_loadu_ps(o0 + D + c * 8);                   \
+                __m256 a2 = _mm256_loadu_ps(o0 + 2 * D + c * 8), a3 = _mm256_loadu_ps(o0 + 3 * D + c * 8);       \
+                for (j = 0; j < J; ++j) {                                                                         \
+                    __m256 vv = LD(v + j * vs + (size_t)c * 8 * ES);                                              \
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), vv, a0);                                          \
+                    a1 = _mm256_fmadd_ps(_mm256_set1_ps(p0[sj + j]), vv, a1);                                     \
+                    a2 = _mm256_fmadd_ps(_mm256_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
+                    a3 = _mm256_fmadd_ps(_mm256_set1_ps(p0[3 * sj + j]), vv, a3);                                 \
+                }                                                                                                 \
+                _mm256_storeu_ps(o0 + c * 8, a0);                                                                 \
+                _mm256_storeu_ps(o0 + D + c * 8, a1);                                                             \
+                _mm256_storeu_ps(o0 + 2 * D + c * 8, a2);                                                         \
+                _mm256_storeu_ps(o0 + 3 * D + c * 8, a3);                                                         \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                __m256 a0 = _mm256_loadu_ps(o0 + c * 8);                                                          \
+                for (j = 0; j < J; ++j)                                                                           \
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v + j * vs + (size_t)c * 8 * ES), a0);         \
+                _mm256_storeu_ps(o0 + c * 8, a0);                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        if (n * 8 < D)                                                                                            \
+            for (j = 0; j < J; ++j)                                                                               \
+                for (d = n * 8; d < D; ++d) {                                                                     \
+                    float x = LDS(v + j * vs, d);                                                                 \
+                    for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
+                }                                                                                                 \
+    }
+LLMKV__AVX2_KERNELS(f32, llmkv__y_f32, llmkv__ld_f32, 4)
+LLMKV__AVX2_KERNELS(f16, llmkv__y_f16, llmkv__ld_f16, 2)
+LLMKV__AVX2_KERNELS(bf16, llmkv__y_bf16, llmkv__ld_bf16, 2)
+
+static LLMKV__T256 __m256 llmkv__exp256(__m256 x) {
+    __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    __m256 n, r, p, two_n;
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* x in [-87, 88] keeps n in [-126, 127]: 2^n is the exponent field alone. */
+    two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    p = _mm256_mul_ps(p, two_n);
+    return _mm256_andnot_ps(tiny, p);
+}
+
+static LLMKV__T256 float llmkv__ex_avx2(float* x, uint32_t n, float sub) {
+    __m256 s = _mm256_setzero_ps(), b = _mm256_set1_ps(sub);
+    uint32_t i;
+    float tail = 0.0f;
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 e = llmkv__exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), b));
+        _mm256_storeu_ps(x + i, e);
+        s = _mm256_add_ps(s, e);
+    }
+    for (; i < n; ++i) tail += (x[i] = expf(x[i] - sub));
+    return llmkv__hsum256(s) + tail;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif /* LLMKV__X86 */
+
+#ifdef LLMKV__NEON
+/* --- NEON (AArch64) -------------------------------------------------------- */
+/* 4 elements per vector; a row's tail past the last full vector is scalar. */
+
+static float32x4_t llmkv__n_f32(const unsigned char* p) { return vld1q_f32((const float*)(const void*)p); }
+static float32x4_t llmkv__n_f16(const unsigned char* p) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t*)(const void*)p)));
+}
+static float32x4_t llmkv__n_bf16(const unsigned char* p) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t*)(const void*)p), 16));
+}
+
+#define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
+    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* k,           \
+                                        size_t ks, uint32_t J, float* S, uint32_t sj) {                          \
+        uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                const unsigned char* kr = k + j * ks;                                                             \
+                float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;                                       \
+                float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    float32x4_t kv = LD(kr + (size_t)c * 4 * ES);                                                 \
+                    a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), kv);                                                \
+                    a1 = vfmaq_f32(a1, vld1q_f32(q0 + D + c * 4), kv);                                            \
+                    a2 = vfmaq_f32(a2, vld1q_f32(q0 + 2 * D + c * 4), kv);                                        \
+                    a3 = vfmaq_f32(a3, vld1q_f32(q0 + 3 * D + c * 4), kv);                                        \
+                }                                                                                                 \
+                for (d = n * 4; d < D; ++d) {                                                                     \
+                    float x = LDS(kr, d);                                                                         \
+                    t0 += q0[d] * x; t1 += q0[D + d] * x; t2 += q0[2 * D + d] * x; t3 += q0[3 * D + d] * x;       \
+                }                                                                                                 \
+                S[(size_t)m * sj + j] = vaddvq_f32(a0) + t0;                                                      \
+                S[(size_t)(m + 1) * sj + j] = vaddvq_f32(a1) + t1;                                                \
+                S[(size_t)(m + 2) * sj + j] = vaddvq_f32(a2) + t2;                                                \
+                S[(size_t)(m + 3) * sj + j] = vaddvq_f32(a3) + t3;                                                \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* q0 = q + (size_t)m * D;                                                                  \
+            for (j = 0; j < J; ++j) {                                                                             \
+                const unsigned char* kr = k + j * ks;                                                             \
+                float32x4_t a0 = vdupq_n_f32(0);                                                                  \
+                float t0 = 0;                                                                                     \
+                for (c = 0; c < n; ++c) a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), LD(kr + (size_t)c * 4 * ES));   \
+                for (d = n * 4; d < D; ++d) t0 += q0[d] * LDS(kr, d);                                             \
+                S[(size_t)m * sj + j] = vaddvq_f32(a0) + t0;                                                      \
+            }                                                                                                     \
+        }                                                                                                         \
+    }                                                                                                             \
+    static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
+                                        const unsigned char* v, size_t vs, uint32_t J, float* acc) {             \
+        uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
+        for (; m + 4 <= M; m += 4) {                                                                              \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                float32x4_t a0 = vld1q_f32(o0 + c * 4), a1 = vld1q_f32(o0 + D + c * 4);                           \
+                float32x4_t a2 = vld1q_f32(o0 + 2 * D + c * 4), a3 = vld1q_f32(o0 + 3 * D + c * 4);               \
+                for (j = 0; j < J; ++j) {                                                                         \
+                    float32x4_t vv = LD(v + j * vs + (size_t)c * 4 * ES);                                         \
+                    a0 = vfmaq_n_f32(a0, vv, p0[j]);                                                              \
+                    a1 = vfmaq_n_f32(a1, vv, p0[sj + j]);                                                         \
+                    a2 = vfmaq_n_f32(a2, vv, p0[2 * sj + j]);                                                     \
+                    a3 = vfmaq_n_f32(a3, vv, p0[3 * sj + j]);                                                     \
+                }                                                                                                 \
+                vst1q_f32(o0 + c * 4, a0);                                                                        \
+                vst1q_f32(o0 + D + c * 4, a1);                                                                    \
+                vst1q_f32(o0 + 2 * D + c * 4, a2);                                                                \
+                vst1q_f32(o0 + 3 * D + c * 4, a3);                                                                \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; m < M; ++m) {                                                                                      \
+            const float* p0 = P + (size_t)m * sj;                                                                 \
+            float* o0 = acc + (size_t)m * D;                                                                      \
+            for (c = 0; c < n; ++c) {                                                                             \
+                float32x4_t a0 = vld1q_f32(o0 + c * 4);                                                           \
+                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD(v + j * vs + (size_t)c * 4 * ES), p0[j]);         \
+                vst1q_f32(o0 + c * 4, a0);                                                                        \
+            }                                                                                                     \
+        }                                                                                                         \
+        if (n * 4 < D)                                                                                            \
+            for (j = 0; j < J; ++j)                                                                               \
+                for (d = n * 4; d < D; ++d) {                                                                     \
+                    float x = LDS(v + j * vs, d);                                                                 \
+                    for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
+                }                                                                                                 \
+    }
+LLMKV__NEON_KERNELS(f32, llmkv__n_f32, llmkv__ld_f32, 4)
+LLMKV__NEON_KERNELS(f16, llmkv__n_f16, llmkv__ld_f16, 2)
+LLMKV__NEON_KERNELS(bf16, llmkv__n_bf16, llmkv__ld_bf16, 2)
+
+static float32x4_t llmkv__expq(float32x4_t x) {
+    uint32x4_t tiny = vcltq_f32(x, vdupq_n_f32(-87.0f));
+    float32x4_t n, r, p;
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504f)));
+    r = vfmsq_f32(x, n, vdupq_n_f32(0.693145752f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(1.42860677e-6f));
+    p = vdupq_n_f32(1.0f / 720.0f);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+    p = vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23)));
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(p), tiny));
+}
+
+static float llmkv__ex_neon(float* x, uint32_t n, float sub) {
+    float32x4_t s = vdupq_n_f32(0), b = vdupq_n_f32(sub);
+    uint32_t i;
+    float tail = 0.0f;
+    for (i = 0; i + 4 <= n; i += 4) {
+        float32x4_t e = llmkv__expq(vsubq_f32(vld1q_f32(x + i), b));
+        vst1q_f32(x + i, e);
+        s = vaddq_f32(s, e);
+    }
+    for (; i < n; ++i) tail += (x[i] = expf(x[i] - sub));
+    return vaddvq_f32(s) + tail;
+}
+#endif /* LLMKV__NEON */
+
+/* The kernels of a path this machine supports (the caller checked). */
+static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
+    switch (path) {
+#ifdef LLMKV__X86
+    case LLMKV_CPU_PATH_AVX512:
+        k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
+        k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
+        k->ex = llmkv__ex_avx512;
+        return;
+    case LLMKV_CPU_PATH_AVX2:
+        k->qk[0] = llmkv__qk_avx2_f32; k->qk[1] = llmkv__qk_avx2_f16; k->qk[2] = llmkv__qk_avx2_bf16;
+        k->pv[0] = llmkv__pv_avx2_f32; k->pv[1] = llmkv__pv_avx2_f16; k->pv[2] = llmkv__pv_avx2_bf16;
+        k->ex = llmkv__ex_avx2;
+        return;
+#endif
+#ifdef LLMKV__NEON
+    case LLMKV_CPU_PATH_NEON:
+        k->qk[0] = llmkv__qk_neon_f32; k->qk[1] = llmkv__qk_neon_f16; k->qk[2] = llmkv__qk_neon_bf16;
+        k->pv[0] = llmkv__pv_neon_f32; k->pv[1] = llmkv__pv_neon_f16; k->pv[2] = llmkv__pv_neon_bf16;
+        k->ex = llmkv__ex_neon;
+        return;
+#endif
+    default:
+        k->qk[0] = llmkv__qk_scalar_f32; k->qk[1] = llmkv__qk_scalar_f16; k->qk[2] = llmkv__qk_scalar_bf16;
+        k->pv[0] = llmkv__pv_scalar_f32; k->pv[1] = llmkv__pv_scalar_f16; k->pv[2] = llmkv__pv_scalar_bf16;
+        k->ex = llmkv__ex_scalar;
+        return;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* CPU attention: planning and the online-softmax driver                    */
+/* ------------------------------------------------------------------------ */
+
+/* A unit of work is (sequence, KV head, a sub-group of that head's query
+   heads, a tile of query positions, a part of the key range). Its M rows
+   (positions x heads) share every K/V vector they load. M * head_dim is
+   bounded so the per-thread state fits on the stack (~40 KiB). */
+#define LLMKV__ATTN_MAX_ROWS 16u
+#define LLMKV__ATTN_MAX_ELEMS 4096u
+#define LLMKV__ATTN_CHUNK 64u       /* keys scored at once */
+#define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
+
+typedef struct llmkv__job {
+    const llmkv_cache* kv;
+    const llmkv_batch* b;
+    const llmkv_attn_desc* d;
+    llmkv__kernels kern;
+    llmkv__qk_fn qk;
+    llmkv__pv_fn pv;
+    uint32_t D, G, HS, QT, n_hsub, nth, splits;
+    size_t q_stride, out_stride;    /* in floats */
+    float scale, cap;
+    const unsigned char* k_base;    /* pool + layer offset + K part */
+    const unsigned char* v_base;
+} llmkv__job;
+
+typedef struct llmkv__unit {
+    uint32_t seq, kvh, h0, h1, t0, t1, k0, k1, split, n_splits;
+    uint64_t ws;                    /* float offset of its partial (split units) */
+} llmkv__unit;
+
+typedef struct llmkv__walk {
+    llmkv__unit u;
+    uint64_t ws_next;
+    int started;
+} llmkv__walk;
+
+/* Number of query rows of sequence i. */
+static uint32_t llmkv__q_len(const llmkv_batch* b, uint32_t i) {
+    return (uint32_t)(b->qo_indptr[i + 1] - b->qo_indptr[i]);
+}
+
+/* Keys row t (of q_len) of a sequence of length L sees: [lo, hi). */
+static void llmkv__row_keys(const llmkv__job* jb, uint32_t L, uint32_t q_len, uint32_t t, uint32_t* lo, uint32_t* hi) {
+    uint32_t pos = L - q_len + t;
+    if (jb->d->non_causal) { *lo = 0; *hi = L; return; }
+    *hi = pos + 1;
+    *lo = jb->d->window && pos + 1 > jb->d->window ? pos + 1 - jb->d->window : 0;
+}
+
+/* The key range split s of n of sequence i covers (page-aligned cuts of the
+   range its rows can see). */
+static void llmkv__split_range(const llmkv__job* jb, uint32_t i, uint32_t s, uint32_t n, uint32_t* k0, uint32_t* k1) {
+    uint32_t L = (uint32_t)jb->b->seq_lens[i], q = llmkv__q_len(jb->b, i), lo, hi, unused, ps = jb->kv->layout.page_size;
+    uint64_t a, z;
+    llmkv__row_keys(jb, L, q, 0, &lo, &unused);
+    llmkv__row_keys(jb, L, q, q ? q - 1 : 0, &unused, &hi);
+    if (q == 0) { *k0 = *k1 = 0; return; }
+    a = lo + (uint64_t)(hi - lo) * s / n;
+    z = lo + (uint64_t)(hi - lo) * (s + 1) / n;
+    if (s) a = a / ps * ps;
+    if (s + 1 < n) z = z / ps * ps;
+    *k0 = (uint32_t)a;
+    *k1 = (uint32_t)(z > a ? z : a);
+}
+
+static uint32_t llmkv__n_splits(const llmkv__job* jb, uint32_t i) {
+    uint32_t k0, k1, n;
+    if (jb->splits <= 1) return 1;
+    llmkv__split_range(jb, i, 0, 1, &k0, &k1);
+    n = (k1 - k0) / LLMKV__ATTN_MIN_SPLIT;
+    return n < 1 ? 1 : n < jb->splits ? n : jb->splits;
+}
+
+/* Advances to the next unit in the fixed order; 0 at the end. The split
+   index is innermost, so a split unit's parts are adjacent and so are their
+   partials in the workspace. */
+static int llmkv__walk_next(const llmkv__job* jb, llmkv__walk* w) {
+    llmkv__unit* u = &w->u;
+    const llmkv_batch* b = jb->b;
+    if (!w->started) {
+        memset(u, 0, sizeof *u);
+        w->started = 1;
+        w->ws_next = 0;
+        u->seq = 0;
+        goto seq_start;
+    }
+    if (u->n_splits > 1) w->ws_next += (uint64_t)(u->t1 - u->t0) * (u->h1 - u->h0) * (jb->D + 2);
+    if (++u->split < u->n_splits) goto split_start;
+    u->t0 = u->t1;
+    if (u->t0 < llmkv__q_len(b, u->seq)) goto tile_start;
+    u->h0 = u->h1;
+    if (u->h0 < jb->G) goto hsub_start;
+    if (++u->kvh < jb->kv->layout.n_kv_heads) goto kvh_start;
+    u->seq++;
+seq_start:
+    while (u->seq < b->n_seqs && llmkv__q_len(b, u->seq) == 0) u->seq++;
+    if (u->seq >= b->n_seqs) return 0;
+    u->n_splits = llmkv__n_splits(jb, u->seq);
+    u->kvh = 0;
+kvh_start:
+    u->h0 = 0;
+hsub_start:
+    u->h1 = u->h0 + jb->HS < jb->G ? u->h0 + jb->HS : jb->G;
+    u->t0 = 0;
+tile_start:
+    {
+        uint32_t q = llmkv__q_len(b, u->seq), qt = LLMKV__ATTN_MAX_ROWS / (u->h1 - u->h0);
+        if (qt > jb->QT) qt = jb->QT;
+        u->t1 = u->t0 + qt < q ? u->t0 + qt : q;
+    }
+    u->split = 0;
+split_start:
+    llmkv__split_range(jb, u->seq, u->split, u->n_splits, &u->k0, &u->k1);
+    u->ws = u->n_splits > 1 ? w->ws_next : 0;
+    return 1;
+}
+
+/* Work estimate of a unit: rows times keys it can visit, plus a fixed cost. */
+static uint64_t llmkv__unit_cost(const llmkv__job* jb, const llmkv__unit* u) {
+    uint32_t L = (uint32_t)jb->b->seq_lens[u->seq], q = llmkv__q_len(jb->b, u->seq), lo, hi, unused;
+    llmkv__row_keys(jb, L, q, u->t0, &lo, &unused);
+    llmkv__row_keys(jb, L, q, u->t1 - 1, &unused, &hi);
+    if (lo < u->k0) lo = u->k0;
+    if (hi > u->k1) hi = u->k1;
+    return (uint64_t)(u->t1 - u->t0) * (u->h1 - u->h0) * ((hi > lo ? hi - lo : 0) + 16);
+}
+
+/* Computes one unit: online softmax over its keys, page by page. Writes the
+   normalised rows to out (and lse), or, for a split part, its unnormalised
+   accumulator with running max and sum to `partial`. */
+static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float* partial) {
+    float Qs[LLMKV__ATTN_MAX_ELEMS], acc[LLMKV__ATTN_MAX_ELEMS];
+    float S[LLMKV__ATTN_MAX_ROWS * LLMKV__ATTN_CHUNK], mx[LLMKV__ATTN_MAX_ROWS], l[LLMKV__ATTN_MAX_ROWS];
+    uint32_t lo[LLMKV__ATTN_MAX_ROWS], hi[LLMKV__ATTN_MAX_ROWS];
+    const llmkv_layout* ly = &jb->kv->layout;
+    const llmkv_batch* b = jb->b;
+    uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, ps = ly->page_size;
+    uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
+    const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
+    uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k;
+
+    for (r = 0; r < M; ++r) {
+        t = u->t0 + r / HS;
+        h = jb->G * u->kvh + u->h0 + r % HS;
+        {
+            const float* qr = jb->d->q + (size_t)(row0 + t) * jb->q_stride + (size_t)h * D;
+            for (d = 0; d < D; ++d) Qs[(size_t)r * D + d] = qr[d] * jb->scale;
+        }
+        llmkv__row_keys(jb, L, q_len, t, &lo[r], &hi[r]);
+        if (lo[r] < u->k0) lo[r] = u->k0;
+        if (hi[r] > u->k1) hi[r] = u->k1;
+        if (lo[r] < kmin) kmin = lo[r];
+        if (hi[r] > kmax) kmax = hi[r];
+        mx[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, (size_t)M * D * sizeof(float));
+
+    /* Keys outside [kmin, kmax) are hidden from every row: those pages are
+       never touched. */
+    for (k = kmin; k < kmax;) {
+        uint32_t page = (uint32_t)pages[k / ps], slot = k % ps;
+        uint32_t J = ps - slot, j;
+        const unsigned char *kp, *vp;
+        if (J > kmax - k) J = kmax - k;
+        if (J > LLMKV__ATTN_CHUNK) J = LLMKV__ATTN_CHUNK;
+        kp = jb->k_base + page * ly->page_bytes + (size_t)u->kvh * ly->k.head_stride + slot * ly->k.slot_stride;
+        vp = jb->v_base + page * ly->page_bytes + (size_t)u->kvh * ly->v.head_stride + slot * ly->v.slot_stride;
+        jb->qk(Qs, M, D, kp, (size_t)ly->k.slot_stride, J, S, LLMKV__ATTN_CHUNK);
+        for (r = 0; r < M; ++r) {
+            float* s = S + (size_t)r * LLMKV__ATTN_CHUNK;
+            float cmax = -INFINITY, newm, alpha;
+            for (j = 0; j < J; ++j) {
+                if (jb->cap > 0.0f) s[j] = jb->cap * tanhf(s[j] / jb->cap);
+                if (k + j < lo[r] || k + j >= hi[r]) s[j] = -INFINITY;
+                if (s[j] > cmax) cmax = s[j];
+            }
+            if (cmax == -INFINITY) { /* this row sees none of these keys */
+                memset(s, 0, J * sizeof(float));
+                continue;
+            }
+            newm = mx[r] > cmax ? mx[r] : cmax;
+            alpha = expf(mx[r] - newm);
+            l[r] = l[r] * alpha + jb->kern.ex(s, J, newm);
+            if (alpha != 1.0f)
+                for (d = 0; d < D; ++d) acc[(size_t)r * D + d] *= alpha;
+            mx[r] = newm;
+        }
+        jb->pv(S, LLMKV__ATTN_CHUNK, M, D, vp, (size_t)ly->v.slot_stride, J, acc);
+        k += J;
+    }
+
+    for (r = 0; r < M; ++r) {
+        t = u->t0 + r / HS;
+        h = jb->G * u->kvh + u->h0 + r % HS;
+        if (partial) {
+            float* p = partial + (size_t)r * (D + 2);
+            memcpy(p, acc + (size_t)r * D, D * sizeof(float));
+            p[D] = mx[r];
+            p[D + 1] = l[r];
+        } else {
+            float* o = jb->d->out + (size_t)(row0 + t) * jb->out_stride + (size_t)h * D;
+            float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+            for (d = 0; d < D; ++d) o[d] = acc[(size_t)r * D + d] * inv;
+            if (jb->d->lse)
+                jb->d->lse[(size_t)(row0 + t) * (jb->G * ly->n_kv_heads) + h] =
+                    l[r] > 0.0f ? mx[r] + logf(l[r]) : -INFINITY;
+        }
+    }
+}
+
+/* Merges the n parts of a split unit (first part `u`) by log-sum-exp. */
+static void llmkv__merge_unit(const llmkv__job* jb, const llmkv__unit* u, const float* ws) {
+    const llmkv_batch* b = jb->b;
+    uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, r, s, d, t, h;
+    uint32_t row0 = (uint32_t)b->qo_indptr[u->seq], nq = jb->G * jb->kv->layout.n_kv_heads;
+    size_t part = (size_t)M * (D + 2);
+    for (r = 0; r < M; ++r) {
+        float m = -INFINITY, lsum = 0.0f, inv;
+        float* o;
+        t = u->t0 + r / HS;
+        h = jb->G * u->kvh + u->h0 + r % HS;
+        o = jb->d->out + (size_t)(row0 + t) * jb->out_stride + (size_t)h * D;
+        for (s = 0; s < u->n_splits; ++s) {
+            float ms = ws[u->ws + s * part + (size_t)r * (D + 2) + D];
+            if (ms > m) m = ms;
+        }
+        for (d = 0; d < D; ++d) o[d] = 0.0f;
+        if (m != -INFINITY) {
+            for (s = 0; s < u->n_splits; ++s) {
+                const float* p = ws + u->ws + s * part + (size_t)r * (D + 2);
+                float w = p[D] == -INFINITY ? 0.0f : expf(p[D] - m);
+                lsum += w * p[D + 1];
+                for (d = 0; d < D; ++d) o[d] += w * p[d];
+            }
+        }
+        inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+        for (d = 0; d < D; ++d) o[d] *= inv;
+        if (jb->d->lse) jb->d->lse[(size_t)(row0 + t) * nq + h] = lsum > 0.0f ? m + logf(lsum) : -INFINITY;
+    }
+}
+
+/* Validates a call and resolves everything the units need. */
+static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch* b, const llmkv_attn_desc* d,
+                                        uint32_t nth, llmkv__job* jb) {
+    const llmkv_layout* ly;
+    llmkv_cpu_path path;
+    size_t row_bytes;
+    uint64_t units = 0;
+    llmkv__walk w;
+    llmkv_result r;
+    if (!kv || !b || !d || nth == 0) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (b->cache != kv) return LLMKV_ERR_INVALID_ARGUMENT;
+    ly = &kv->layout;
+    if (d->n_q_heads == 0 || d->n_q_heads % ly->n_kv_heads) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!d->q || !d->out) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (d->layer >= ly->n_layers) return LLMKV_ERR_OUT_OF_RANGE;
+    if (!(d->scale >= 0.0f) || !(d->softcap >= 0.0f)) return LLMKV_ERR_INVALID_ARGUMENT; /* NaN fails too */
+    row_bytes = (size_t)d->n_q_heads * ly->head_dim * sizeof(float);
+    if ((uintptr_t)d->q % 4 || (uintptr_t)d->out % 4 || (uintptr_t)d->lse % 4 || d->q_stride % 4 ||
+        d->out_stride % 4)
+        return LLMKV_ERR_MISALIGNED;
+    if ((d->q_stride && d->q_stride < row_bytes) || (d->out_stride && d->out_stride < row_bytes))
+        return LLMKV_ERR_BUFFER_TOO_SMALL;
+    path = d->path == LLMKV_CPU_PATH_AUTO ? llmkv_cpu_path_auto() : d->path;
+    if (!llmkv__cpu_has(path)) return LLMKV_ERR_UNSUPPORTED;
+    r = llmkv_batch_check(b);
+    if (r != LLMKV_OK) return r;
+    if (!kv->pool) return LLMKV_ERR_NO_PAGE_DATA;
+
+    memset(jb, 0, sizeof *jb);
+    jb->kv = kv;
+    jb->b = b;
+    jb->d = d;
+    llmkv__kernels_for(path, &jb->kern);
+    jb->qk = jb->kern.qk[ly->k.dtype - LLMKV_DTYPE_F32];
+    jb->pv = jb->kern.pv[ly->v.dtype - LLMKV_DTYPE_F32];
+    jb->D = ly->head_dim;
+    jb->G = d->n_q_heads / ly->n_kv_heads;
+    {
+        uint32_t max_rows = LLMKV__ATTN_MAX_ELEMS / jb->D;
+        if (max_rows > LLMKV__ATTN_MAX_ROWS) max_rows = LLMKV__ATTN_MAX_ROWS;
+        if (max_rows < 1) max_rows = 1;
+        jb->HS = jb->G < max_rows ? jb->G : max_rows;
+        jb->QT = max_rows / jb->HS;
+    }
+    jb->q_stride = (d->q_stride ? d->q_stride : row_bytes) / sizeof(float);
+    jb->out_stride = (d->out_stride ? d->out_stride : row_bytes) / sizeof(float);
+    jb->scale = d->scale > 0.0f ? d->scale : 1.0f / sqrtf((float)jb->D);
+    jb->cap = d->softcap;
+    jb->k_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->k.offset;
+    jb->v_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.offset;
+    jb->nth = nth;
+    /* Split long keys ranges only when the units would not keep every
+       thread busy: aim for two units per thread. */
+    jb->splits = 1;
+    if (nth > 1) {
+        memset(&w, 0, sizeof w);
+        while (llmkv__walk_next(jb, &w)) units++;
+        if (units < 2 * (uint64_t)nth) jb->splits = units ? (uint32_t)((2 * (uint64_t)nth + units - 1) / units) : 1;
+    }
+    return LLMKV_OK;
+}
+
+/* Workspace floats the split parts of this job need. */
+static uint64_t llmkv__attn_ws_floats(const llmkv__job* jb) {
+    llmkv__walk w;
+    uint64_t n = 0;
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(jb, &w))
+        if (w.u.n_splits > 1) n = w.u.ws + (uint64_t)(w.u.t1 - w.u.t0) * (w.u.h1 - w.u.h0) * (jb->D + 2);
+    return n;
+}
+
+static void llmkv__attn_part(const llmkv__job* jb, uint32_t ith, float* ws) {
+    llmkv__walk w;
+    uint64_t total = 0, before = 0;
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(jb, &w)) total += llmkv__unit_cost(jb, &w.u);
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(jb, &w)) {
+        uint64_t c = llmkv__unit_cost(jb, &w.u);
+        /* Contiguous runs of units by cumulative cost: thread t takes the
+           units that start in its t-th share. */
+        if (before * jb->nth / total == ith)
+            llmkv__attend_unit(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
+        before += c;
+    }
+}
+
+static void llmkv__attn_merge(const llmkv__job* jb, uint32_t ith, const float* ws) {
+    llmkv__walk w;
+    uint64_t group = 0;
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(jb, &w)) {
+        if (w.u.n_splits <= 1 || w.u.split != 0) continue;
+        if (group++ % jb->nth == ith) llmkv__merge_unit(jb, &w.u, ws);
+    }
+}
+
+LLMKV_API llmkv_result llmkv_attend_workspace_size(const llmkv_cache* cache, const llmkv_batch* batch,
+                                                   const llmkv_attn_desc* desc, uint32_t nth, size_t* bytes) {
+    llmkv__job jb;
+    llmkv_result r;
+    if (!bytes) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__attn_prepare(cache, batch, desc, nth, &jb);
+    if (r != LLMKV_OK) return r;
+    *bytes = (size_t)(llmkv__attn_ws_floats(&jb) * sizeof(float));
+    return LLMKV_OK;
+}
+
+static llmkv_result llmkv__attn_external(const llmkv_cache* cache, const llmkv_batch* batch,
+                                         const llmkv_attn_desc* desc, uint32_t ith, uint32_t nth, void* workspace,
+                                         size_t workspace_size, llmkv__job* jb) {
+    llmkv_result r;
+    uint64_t need;
+    if (ith >= nth) return LLMKV_ERR_INVALID_ARGUMENT;
+    r = llmkv__attn_prepare(cache, batch, desc, nth, jb);
+    if (r != LLMKV_OK) return r;
+    need = llmkv__attn_ws_floats(jb) * sizeof(float);
+    if (need > workspace_size) return LLMKV_ERR_BUFFER_TOO_SMALL;
+    if (need && (!workspace || (uintptr_t)workspace % 4)) return workspace ? LLMKV_ERR_MISALIGNED : LLMKV_ERR_INVALID_ARGUMENT;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_attend_part(const llmkv_cache* cache, const llmkv_batch* batch,
+                                         const llmkv_attn_desc* desc, uint32_t ith, uint32_t nth, void* workspace,
+                                         size_t workspace_size) {
+    llmkv__job jb;
+    llmkv_result r = llmkv__attn_external(cache, batch, desc, ith, nth, workspace, workspace_size, &jb);
+    if (r == LLMKV_OK) llmkv__attn_part(&jb, ith, (float*)workspace);
+    return r;
+}
+
+LLMKV_API llmkv_result llmkv_attend_merge(const llmkv_cache* cache, const llmkv_batch* batch,
+                                          const llmkv_attn_desc* desc, uint32_t ith, uint32_t nth, void* workspace,
+                                          size_t workspace_size) {
+    llmkv__job jb;
+    llmkv_result r = llmkv__attn_external(cache, batch, desc, ith, nth, workspace, workspace_size, &jb);
+    if (r == LLMKV_OK) llmkv__attn_merge(&jb, ith, (const float*)workspace);
+    return r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* CPU attention: thread pool and the one-call entry point                  */
+/* ------------------------------------------------------------------------ */
+
+#ifndef LLMKV_NO_THREADS
+#include <pthread.h>
+#endif
+
+typedef void (*llmkv__task_fn)(void* arg, uint32_t ith);
+
+struct llmkv_threadpool {
+    llmkv_allocator alloc;
+    uint32_t n;
+    void* workspace;        /* split-K partials, grown on demand */
+    size_t workspace_size;
+#ifndef LLMKV_NO_THREADS
+    pthread_t* threads;     /* n - 1 handles, then the workers' arguments */
+    size_t threads_bytes;
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    uint64_t generation;    /* bumped for every task */
+    uint32_t pending;       /* workers still running the task */
+    int stop;
+    llmkv__task_fn fn;
+    void* arg;
+#endif
+};
+
+#ifndef LLMKV_NO_THREADS
+typedef struct llmkv__worker_arg { llmkv_threadpool* pool; uint32_t ith; } llmkv__worker_arg;
+
+static void* llmkv__worker(void* p) {
+    llmkv_threadpool* pool = ((llmkv__worker_arg*)p)->pool;
+    uint32_t ith = ((llmkv__worker_arg*)p)->ith;
+    uint64_t seen = 0;
+    for (;;) {
+        llmkv__task_fn fn;
+        void* arg;
+        pthread_mutex_lock(&pool->mu);
+        while (pool->generation == seen && !pool->stop) pthread_cond_wait(&pool->work, &pool->mu);
+        if (pool->stop) { pthread_mutex_unlock(&pool->mu); return NULL; }
+        seen = pool->generation;
+        fn = pool->fn;
+        arg = pool->arg;
+        pthread_mutex_unlock(&pool->mu);
+        fn(arg, ith);
+        pthread_mutex_lock(&pool->mu);
+        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+        pthread_mutex_unlock(&pool->mu);
+    }
+}
+#endif
+
+/* Runs fn(arg, ith) for every ith in 0..n-1, the caller taking 0, and
+   returns when all are done. */
+static void llmkv__pool_run(llmkv_threadpool* pool, llmkv__task_fn fn, void* arg) {
+#ifndef LLMKV_NO_THREADS
+    if (pool->n > 1) {
+        pthread_mutex_lock(&pool->mu);
+        pool->fn = fn;
+        pool->arg = arg;
+        pool->pending = pool->n - 1;
+        pool->generation++;
+        pthread_cond_broadcast(&pool->work);
+        pthread_mutex_unlock(&pool->mu);
+        fn(arg, 0);
+        pthread_mutex_lock(&pool->mu);
+        while (pool->pending) pthread_cond_wait(&pool->done, &pool->mu);
+        pthread_mutex_unlock(&pool->mu);
+        return;
+    }
+#endif
+    fn(arg, 0);
+}
+
+LLMKV_API llmkv_result llmkv_threadpool_create(uint32_t n_threads, const llmkv_allocator* allocator,
+                                               llmkv_threadpool** out) {
+    llmkv_allocator a;
+    llmkv_threadpool* pool;
+    if (!out) return LLMKV_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (n_threads == 0 || n_threads > 256) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (allocator && !allocator->alloc != !allocator->free) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (allocator && allocator->alloc) a = *allocator;
+    else { a.alloc = llmkv__default_alloc; a.free = llmkv__default_free; a.user = NULL; }
+#ifdef LLMKV_NO_THREADS
+    if (n_threads > 1) return LLMKV_ERR_UNSUPPORTED;
+#endif
+    pool = (llmkv_threadpool*)a.alloc(sizeof *pool, LLMKV__ALIGN, a.user);
+    if (!pool) return LLMKV_ERR_OUT_OF_MEMORY;
+    memset(pool, 0, sizeof *pool);
+    pool->alloc = a;
+    pool->n = n_threads;
+#ifndef LLMKV_NO_THREADS
+    if (n_threads > 1) {
+        /* One block: the thread handles, then each worker's argument. */
+        size_t bytes = (n_threads - 1) * (sizeof(pthread_t) + sizeof(llmkv__worker_arg));
+        llmkv__worker_arg* args;
+        uint32_t i, started = 0;
+        pool->threads = (pthread_t*)a.alloc(bytes, LLMKV__ALIGN, a.user);
+        if (!pool->threads) { a.free(pool, sizeof *pool, a.user); return LLMKV_ERR_OUT_OF_MEMORY; }
+        pool->threads_bytes = bytes;
+        args = (llmkv__worker_arg*)(void*)(pool->threads + (n_threads - 1));
+        if (pthread_mutex_init(&pool->mu, NULL) != 0) goto no_sync;
+        if (pthread_cond_init(&pool->work, NULL) != 0) { pthread_mutex_destroy(&pool->mu); goto no_sync; }
+        if (pthread_cond_init(&pool->done, NULL) != 0) {
+            pthread_cond_destroy(&pool->work);
+            pthread_mutex_destroy(&pool->mu);
+            goto no_sync;
+        }
+        for (i = 0; i + 1 < n_threads; ++i) {
+            args[i].pool = pool;
+            args[i].ith = i + 1;
+            if (pthread_create(&pool->threads[i], NULL, llmkv__worker, &args[i]) != 0) break;
+            started++;
+        }
+        if (started + 1 < n_threads) {
+            pool->n = started + 1;
+            llmkv_threadpool_destroy(pool);
+            return LLMKV_ERR_OUT_OF_MEMORY;
+        }
+        goto ok;
+    no_sync:
+        a.free(pool->threads, bytes, a.user);
+        a.free(pool, sizeof *pool, a.user);
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+ok:
+#endif
+    *out = pool;
+    return LLMKV_OK;
+}
+
+LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool) {
+    llmkv_allocator a;
+    if (!pool) return;
+    a = pool->alloc;
+#ifndef LLMKV_NO_THREADS
+    if (pool->threads) {
+        uint32_t i;
+        pthread_mutex_lock(&pool->mu);
+        pool->stop = 1;
+        pthread_cond_broadcast(&pool->work);
+        pthread_mutex_unlock(&pool->mu);
+        for (i = 0; i + 1 < pool->n; ++i) pthread_join(pool->threads[i], NULL);
+        pthread_cond_destroy(&pool->done);
+        pthread_cond_destroy(&pool->work);
+        pthread_mutex_destroy(&pool->mu);
+        a.free(pool->threads, pool->threads_bytes, a.user);
+    }
+#endif
+    if (pool->workspace) a.free(pool->workspace, pool->workspace_size, a.user);
+    a.free(pool, sizeof *pool, a.user);
+}
+
+typedef struct llmkv__attn_task { const llmkv__job* jb; float* ws; } llmkv__attn_task;
+
+static void llmkv__task_part(void* arg, uint32_t ith) {
+    const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
+    llmkv__attn_part(t->jb, ith, t->ws);
+}
+
+static void llmkv__task_merge(void* arg, uint32_t ith) {
+    const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
+    llmkv__attn_merge(t->jb, ith, t->ws);
+}
+
+LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch* batch, const llmkv_attn_desc* desc,
+                                    llmkv_threadpool* pool) {
+    llmkv__job jb;
+    llmkv__attn_task task;
+    size_t need;
+    llmkv_result r = llmkv__attn_prepare(cache, batch, desc, pool ? pool->n : 1, &jb);
+    if (r != LLMKV_OK) return r;
+    if (!pool) {
+        llmkv__attn_part(&jb, 0, NULL); /* one thread never splits */
+        return LLMKV_OK;
+    }
+    need = (size_t)(llmkv__attn_ws_floats(&jb) * sizeof(float));
+    if (need > pool->workspace_size) {
+        void* ws = pool->alloc.alloc(need, LLMKV__ALIGN, pool->alloc.user);
+        if (!ws) return LLMKV_ERR_OUT_OF_MEMORY;
+        if (pool->workspace) pool->alloc.free(pool->workspace, pool->workspace_size, pool->alloc.user);
+        pool->workspace = ws;
+        pool->workspace_size = need;
+    }
+    task.jb = &jb;
+    task.ws = (float*)pool->workspace;
+    llmkv__pool_run(pool, llmkv__task_part, &task);
+    if (need) llmkv__pool_run(pool, llmkv__task_merge, &task);
+    return LLMKV_OK;
+}
+
+/* LLMKV_ATTN_DONE */
 
 #ifdef __cplusplus
 }
