@@ -2126,8 +2126,8 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) {
 /* ------------------------------------------------------------------------ */
 /* CPU attention: kernels                                                   */
 /*                                                                          */
-/* Each path provides three primitives over one chunk of J <= 64 keys that  */
-/* sit at a fixed stride (one page, one KV head):                           */
+/* Each path provides three primitives over one chunk of J <= 64 keys, given */
+/* as row pointers (a chunk spans pages):                                   */
 /*   qk:  S[m][j] = Q[m] . K[j]           for M query rows (already scaled) */
 /*   pv:  A[m][:] += sum_j P[m][j] V[j]   the weighted sum of values        */
 /*   ex:  x[i] = exp(x[i] - sub), returning the sum (exp(-inf) is 0)        */
@@ -2136,9 +2136,9 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) {
 /* query heads of a GQA group.                                              */
 /* ------------------------------------------------------------------------ */
 
-typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* k, size_t ks, uint32_t J,
+typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, uint32_t J,
                              float* S, uint32_t sj);
-typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* v, size_t vs,
+typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* const* v,
                              uint32_t J, float* acc);
 typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
 
@@ -2155,22 +2155,22 @@ static float llmkv__ld_f16(const unsigned char* p, uint32_t i) { uint16_t h; mem
 static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_bf16_to_f32(h); }
 
 #define LLMKV__SCALAR_KERNELS(SUFFIX, LD)                                                                        \
-    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* k,          \
-                                          size_t ks, uint32_t J, float* S, uint32_t sj) {                        \
+    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,   \
+                                          uint32_t J, float* S, uint32_t sj) {                        \
         uint32_t m, j, d;                                                                                        \
         for (j = 0; j < J; ++j)                                                                                  \
             for (m = 0; m < M; ++m) {                                                                            \
                 float s = 0.0f;                                                                                  \
-                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k + j * ks, d);                           \
+                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k[j], d);                           \
                 S[(size_t)m * sj + j] = s;                                                                       \
             }                                                                                                    \
     }                                                                                                            \
     static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
-                                          const unsigned char* v, size_t vs, uint32_t J, float* acc) {           \
+                                          const unsigned char* const* v, uint32_t J, float* acc) {           \
         uint32_t m, j, d;                                                                                        \
         for (j = 0; j < J; ++j)                                                                                  \
             for (d = 0; d < D; ++d) {                                                                            \
-                float x = LD(v + j * vs, d);                                                                     \
+                float x = LD(v[j], d);                                                                     \
                 for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
             }                                                                                                    \
     }
@@ -2224,14 +2224,14 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
 
 #define LLMKV__AVX512_KERNELS(SUFFIX, LDM, ES)                                                                    \
     static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                    \
-                                                      const unsigned char* k, size_t ks, uint32_t J, float* S,    \
+                                                      const unsigned char* const* k, uint32_t J, float* S,    \
                                                       uint32_t sj) {                                              \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k + j * ks;                                                             \
+                const unsigned char* kr = k[j];                                                             \
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
@@ -2254,14 +2254,14 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
                     a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16),                                  \
-                                         LDM(mk, k + j * ks + (size_t)c * 16 * ES), a0);                          \
+                                         LDM(mk, k[j] + (size_t)c * 16 * ES), a0);                          \
                 }                                                                                                 \
                 S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                 \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,      \
-                                                      const unsigned char* v, size_t vs, uint32_t J,             \
+                                                      const unsigned char* const* v, uint32_t J,             \
                                                       float* acc) {                                               \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
@@ -2275,7 +2275,7 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
                 __m512 a2 = _mm512_maskz_loadu_ps(mk, o0 + 2 * D + c * 16);                                       \
                 __m512 a3 = _mm512_maskz_loadu_ps(mk, o0 + 3 * D + c * 16);                                       \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m512 vv = LDM(mk, v + j * vs + (size_t)c * 16 * ES);                                        \
+                    __m512 vv = LDM(mk, v[j] + (size_t)c * 16 * ES);                                        \
                     a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), vv, a0);                                          \
                     a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[sj + j]), vv, a1);                                     \
                     a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
@@ -2294,7 +2294,7 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
                 __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
                 __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v + j * vs + (size_t)c * 16 * ES), a0);  \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v[j] + (size_t)c * 16 * ES), a0);  \
                 _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
             }                                                                                                     \
         }                                                                                                         \
@@ -2349,13 +2349,13 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
 
 #define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
     static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
-                                                    const unsigned char* k, size_t ks, uint32_t J, float* S,      \
+                                                    const unsigned char* const* k, uint32_t J, float* S,      \
                                                     uint32_t sj) {                                                \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k + j * ks;                                                             \
+                const unsigned char* kr = k[j];                                                             \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
@@ -2378,7 +2378,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k + j * ks;                                                             \
+                const unsigned char* kr = k[j];                                                             \
                 __m256 a0 = _mm256_setzero_ps();                                                                  \
                 float t0 = 0;                                                                                     \
                 for (c = 0; c < n; ++c)                                                                           \
@@ -2389,7 +2389,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
-                                                    const unsigned char* v, size_t vs, uint32_t J, float* acc) { \
+                                                    const unsigned char* const* v, uint32_t J, float* acc) { \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
@@ -2398,7 +2398,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8), a1 = _mm256_loadu_ps(o0 + D + c * 8);                   \
                 __m256 a2 = _mm256_loadu_ps(o0 + 2 * D + c * 8), a3 = _mm256_loadu_ps(o0 + 3 * D + c * 8);       \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m256 vv = LD(v + j * vs + (size_t)c * 8 * ES);                                              \
+                    __m256 vv = LD(v[j] + (size_t)c * 8 * ES);                                              \
                     a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), vv, a0);                                          \
                     a1 = _mm256_fmadd_ps(_mm256_set1_ps(p0[sj + j]), vv, a1);                                     \
                     a2 = _mm256_fmadd_ps(_mm256_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
@@ -2416,14 +2416,14 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
             for (c = 0; c < n; ++c) {                                                                             \
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8);                                                          \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v + j * vs + (size_t)c * 8 * ES), a0);         \
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v[j] + (size_t)c * 8 * ES), a0);         \
                 _mm256_storeu_ps(o0 + c * 8, a0);                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 8 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 8; d < D; ++d) {                                                                     \
-                    float x = LDS(v + j * vs, d);                                                                 \
+                    float x = LDS(v[j], d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
@@ -2481,13 +2481,13 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
 }
 
 #define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
-    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* k,           \
-                                        size_t ks, uint32_t J, float* S, uint32_t sj) {                          \
+    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,           \
+                                        uint32_t J, float* S, uint32_t sj) {                          \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k + j * ks;                                                             \
+                const unsigned char* kr = k[j];                                                             \
                 float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
@@ -2510,7 +2510,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k + j * ks;                                                             \
+                const unsigned char* kr = k[j];                                                             \
                 float32x4_t a0 = vdupq_n_f32(0);                                                                  \
                 float t0 = 0;                                                                                     \
                 for (c = 0; c < n; ++c) a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), LD(kr + (size_t)c * 4 * ES));   \
@@ -2520,7 +2520,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
-                                        const unsigned char* v, size_t vs, uint32_t J, float* acc) {             \
+                                        const unsigned char* const* v, uint32_t J, float* acc) {             \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
@@ -2529,7 +2529,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
                 float32x4_t a0 = vld1q_f32(o0 + c * 4), a1 = vld1q_f32(o0 + D + c * 4);                           \
                 float32x4_t a2 = vld1q_f32(o0 + 2 * D + c * 4), a3 = vld1q_f32(o0 + 3 * D + c * 4);               \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    float32x4_t vv = LD(v + j * vs + (size_t)c * 4 * ES);                                         \
+                    float32x4_t vv = LD(v[j] + (size_t)c * 4 * ES);                                         \
                     a0 = vfmaq_n_f32(a0, vv, p0[j]);                                                              \
                     a1 = vfmaq_n_f32(a1, vv, p0[sj + j]);                                                         \
                     a2 = vfmaq_n_f32(a2, vv, p0[2 * sj + j]);                                                     \
@@ -2546,14 +2546,14 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
             float* o0 = acc + (size_t)m * D;                                                                      \
             for (c = 0; c < n; ++c) {                                                                             \
                 float32x4_t a0 = vld1q_f32(o0 + c * 4);                                                           \
-                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD(v + j * vs + (size_t)c * 4 * ES), p0[j]);         \
+                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD(v[j] + (size_t)c * 4 * ES), p0[j]);         \
                 vst1q_f32(o0 + c * 4, a0);                                                                        \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 4 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 4; d < D; ++d) {                                                                     \
-                    float x = LDS(v + j * vs, d);                                                                 \
+                    float x = LDS(v[j], d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
@@ -2786,22 +2786,27 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     /* Keys outside [kmin, kmax) are hidden from every row: those pages are
        never touched. */
     for (k = kmin; k < kmax;) {
-        uint32_t page = (uint32_t)pages[k / ps], slot = k % ps;
-        uint32_t J = ps - slot, j;
-        const unsigned char *kp, *vp;
-        if (J > kmax - k) J = kmax - k;
-        if (J > LLMKV__ATTN_CHUNK) J = LLMKV__ATTN_CHUNK;
-        kp = jb->k_base + page * ly->page_bytes + (size_t)u->kvh * ly->k.head_stride + slot * ly->k.slot_stride;
-        vp = jb->v_base + page * ly->page_bytes + (size_t)u->kvh * ly->v.head_stride + slot * ly->v.slot_stride;
-        jb->qk(Qs, M, D, kp, (size_t)ly->k.slot_stride, J, S, LLMKV__ATTN_CHUNK);
+        const unsigned char* kp[LLMKV__ATTN_CHUNK];
+        const unsigned char* vp[LLMKV__ATTN_CHUNK];
+        uint32_t J = kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK, j;
+        int whole = 1; /* every row sees every key of the chunk */
+        for (j = 0; j < J; ++j) {
+            uint64_t page = (uint64_t)pages[(k + j) / ps] * ly->page_bytes;
+            uint32_t slot = (k + j) % ps;
+            kp[j] = jb->k_base + page + (size_t)u->kvh * ly->k.head_stride + slot * ly->k.slot_stride;
+            vp[j] = jb->v_base + page + (size_t)u->kvh * ly->v.head_stride + slot * ly->v.slot_stride;
+        }
+        for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
+        jb->qk(Qs, M, D, kp, J, S, LLMKV__ATTN_CHUNK);
         for (r = 0; r < M; ++r) {
             float* s = S + (size_t)r * LLMKV__ATTN_CHUNK;
             float cmax = -INFINITY, newm, alpha;
-            for (j = 0; j < J; ++j) {
-                if (jb->cap > 0.0f) s[j] = jb->cap * tanhf(s[j] / jb->cap);
-                if (k + j < lo[r] || k + j >= hi[r]) s[j] = -INFINITY;
-                if (s[j] > cmax) cmax = s[j];
-            }
+            if (jb->cap > 0.0f)
+                for (j = 0; j < J; ++j) s[j] = jb->cap * tanhf(s[j] / jb->cap);
+            if (!whole)
+                for (j = 0; j < J; ++j)
+                    if (k + j < lo[r] || k + j >= hi[r]) s[j] = -INFINITY;
+            for (j = 0; j < J; ++j) cmax = s[j] > cmax ? s[j] : cmax;
             if (cmax == -INFINITY) { /* this row sees none of these keys */
                 memset(s, 0, J * sizeof(float));
                 continue;
@@ -2813,7 +2818,7 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
                 for (d = 0; d < D; ++d) acc[(size_t)r * D + d] *= alpha;
             mx[r] = newm;
         }
-        jb->pv(S, LLMKV__ATTN_CHUNK, M, D, vp, (size_t)ly->v.slot_stride, J, acc);
+        jb->pv(S, LLMKV__ATTN_CHUNK, M, D, vp, J, acc);
         k += J;
     }
 
