@@ -572,7 +572,9 @@ typedef enum llmkv_cpu_path {
 LLMKV_API int llmkv_cpu_path_supported(llmkv_cpu_path path);
 
 /* The path AUTO resolves to: LLMKV_CPU_PATH if set to a supported path,
-   else the best the machine supports. Thread safety: any thread. */
+   else the best the machine supports. A cache makes this choice once, when
+   it is created (cpuid is slow under virtualisation), and its attention
+   calls use that. Thread safety: any thread. */
 LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void);
 
 /* "scalar", "avx2", "avx512", "neon" or "auto"; "?" for others. */
@@ -1007,12 +1009,20 @@ struct llmkv_cache {
     uint64_t epoch;
     uint32_t mark;
 
+    uint32_t cpu_paths;         /* bit p: CPU path p runs here (detected at creation) */
+    llmkv_cpu_path cpu_auto;    /* what LLMKV_CPU_PATH_AUTO means for this cache */
     llmkv_copy_cmd* copies;     /* ring [max_pending_copies]; metadata-only */
     uint32_t copy_cap, copy_head, copy_count;
     uint64_t meta_bytes;        /* metadata footprint, for stats */
 };
 
 #define LLMKV__NO_SLOT 0xffffffffu
+
+/* CPU detection (defined with the attention kernels). cpuid is costly in a
+   virtual machine (each one traps to the hypervisor), so a cache detects
+   once, when it is created, and keeps the answer. */
+static uint32_t llmkv__cpu_detect(void);
+static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths);
 
 /* Footprint of the metadata block and of the pages for `d` (capacity
    resolved). Returns 0 when the sizes do not fit the address space. */
@@ -1080,6 +1090,8 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     }
     kv->meta_bytes = meta_size;
     kv->pool = (unsigned char*)pages;
+    kv->cpu_paths = llmkv__cpu_detect();
+    kv->cpu_auto = llmkv__cpu_auto(kv->cpu_paths);
 
     memset(kv->refcount, 0, (size_t)d->n_pages * 4);
     memset(kv->scratch, 0, (size_t)d->n_pages * 4); /* kept all zero between calls */
@@ -2109,19 +2121,28 @@ LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path) {
     return "?";
 }
 
-LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) {
+static uint32_t llmkv__cpu_detect(void) {
+    uint32_t paths = 0;
+    int p;
+    for (p = LLMKV_CPU_PATH_AUTO; p <= LLMKV_CPU_PATH_NEON; ++p)
+        if (llmkv__cpu_has((llmkv_cpu_path)p)) paths |= 1u << p;
+    return paths;
+}
+
+static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths) {
     const char* env = getenv("LLMKV_CPU_PATH");
     int p;
-    if (env) {
+    if (env)
         for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_NEON; ++p)
-            if (strcmp(env, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0 && llmkv__cpu_has((llmkv_cpu_path)p))
+            if (strcmp(env, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0 && (paths >> p & 1u))
                 return (llmkv_cpu_path)p;
-    }
-    if (llmkv__cpu_has(LLMKV_CPU_PATH_AVX512)) return LLMKV_CPU_PATH_AVX512;
-    if (llmkv__cpu_has(LLMKV_CPU_PATH_AVX2)) return LLMKV_CPU_PATH_AVX2;
-    if (llmkv__cpu_has(LLMKV_CPU_PATH_NEON)) return LLMKV_CPU_PATH_NEON;
+    if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return LLMKV_CPU_PATH_AVX512;
+    if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return LLMKV_CPU_PATH_AVX2;
+    if (paths >> LLMKV_CPU_PATH_NEON & 1u) return LLMKV_CPU_PATH_NEON;
     return LLMKV_CPU_PATH_SCALAR;
 }
+
+LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmkv__cpu_detect()); }
 
 /* ------------------------------------------------------------------------ */
 /* CPU attention: kernels                                                   */
@@ -2222,29 +2243,63 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
     return llmkv__hsum256(h);
 }
 
+/* [sum(a), sum(b), sum(c), sum(d)] with one shared reduction tree. */
+static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m256 ya = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 yb = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 yc = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 yd = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(ya, yb), _mm256_hadd_ps(yc, yd));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* QK: rows four at a time and keys two at a time, so eight independent
+   FMA chains hide the FMA latency; each K vector is converted once for the
+   four rows. PV: rows four at a time and two 16-element column blocks at a
+   time, for the same reason. */
 #define LLMKV__AVX512_KERNELS(SUFFIX, LDM, ES)                                                                    \
     static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                    \
-                                                      const unsigned char* const* k, uint32_t J, float* S,    \
+                                                      const unsigned char* const* k, uint32_t J, float* S,        \
                                                       uint32_t sj) {                                              \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
+        float tmp[4];                                                                                             \
         for (; m + 4 <= M; m += 4) {                                                                              \
-            const float* q0 = q + (size_t)m * D;                                                                  \
-            for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k[j];                                                             \
+            const float *q0 = q + (size_t)m * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;                        \
+            for (j = 0; j + 2 <= J; j += 2) {                                                                     \
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
+                    __m512 k0 = LDM(mk, k[j] + (size_t)c * 16 * ES), k1 = LDM(mk, k[j + 1] + (size_t)c * 16 * ES); \
+                    __m512 x = _mm512_maskz_loadu_ps(mk, q0 + c * 16);                                            \
+                    a0 = _mm512_fmadd_ps(x, k0, a0); b0 = _mm512_fmadd_ps(x, k1, b0);                             \
+                    x = _mm512_maskz_loadu_ps(mk, q1 + c * 16);                                                   \
+                    a1 = _mm512_fmadd_ps(x, k0, a1); b1 = _mm512_fmadd_ps(x, k1, b1);                             \
+                    x = _mm512_maskz_loadu_ps(mk, q2 + c * 16);                                                   \
+                    a2 = _mm512_fmadd_ps(x, k0, a2); b2 = _mm512_fmadd_ps(x, k1, b2);                             \
+                    x = _mm512_maskz_loadu_ps(mk, q3 + c * 16);                                                   \
+                    a3 = _mm512_fmadd_ps(x, k0, a3); b3 = _mm512_fmadd_ps(x, k1, b3);                             \
+                }                                                                                                 \
+                _mm_storeu_ps(tmp, llmkv__hsum4_512(a0, a1, a2, a3));                                             \
+                S[(size_t)m * sj + j] = tmp[0]; S[(size_t)(m + 1) * sj + j] = tmp[1];                             \
+                S[(size_t)(m + 2) * sj + j] = tmp[2]; S[(size_t)(m + 3) * sj + j] = tmp[3];                       \
+                _mm_storeu_ps(tmp, llmkv__hsum4_512(b0, b1, b2, b3));                                             \
+                S[(size_t)m * sj + j + 1] = tmp[0]; S[(size_t)(m + 1) * sj + j + 1] = tmp[1];                     \
+                S[(size_t)(m + 2) * sj + j + 1] = tmp[2]; S[(size_t)(m + 3) * sj + j + 1] = tmp[3];               \
+            }                                                                                                     \
+            for (; j < J; ++j) {                                                                                  \
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    __m512 kv = LDM(mk, kr + (size_t)c * 16 * ES);                                                \
-                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16), kv, a0);                         \
-                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + D + c * 16), kv, a1);                     \
-                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + 2 * D + c * 16), kv, a2);                 \
-                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + 3 * D + c * 16), kv, a3);                 \
+                    __m512 k0 = LDM(mk, k[j] + (size_t)c * 16 * ES);                                              \
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16), k0, a0);                         \
+                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q1 + c * 16), k0, a1);                         \
+                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q2 + c * 16), k0, a2);                         \
+                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q3 + c * 16), k0, a3);                         \
                 }                                                                                                 \
-                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                 \
-                S[(size_t)(m + 1) * sj + j] = llmkv__hsum512(a1);                                           \
-                S[(size_t)(m + 2) * sj + j] = llmkv__hsum512(a2);                                           \
-                S[(size_t)(m + 3) * sj + j] = llmkv__hsum512(a3);                                           \
+                _mm_storeu_ps(tmp, llmkv__hsum4_512(a0, a1, a2, a3));                                             \
+                S[(size_t)m * sj + j] = tmp[0]; S[(size_t)(m + 1) * sj + j] = tmp[1];                             \
+                S[(size_t)(m + 2) * sj + j] = tmp[2]; S[(size_t)(m + 3) * sj + j] = tmp[3];                       \
             }                                                                                                     \
         }                                                                                                         \
         for (; m < M; ++m) {                                                                                      \
@@ -2254,37 +2309,45 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
                     a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16),                                  \
-                                         LDM(mk, k[j] + (size_t)c * 16 * ES), a0);                          \
+                                         LDM(mk, k[j] + (size_t)c * 16 * ES), a0);                                \
                 }                                                                                                 \
-                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                 \
+                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                       \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,      \
-                                                      const unsigned char* const* v, uint32_t J,             \
-                                                      float* acc) {                                               \
+                                                      const unsigned char* const* v, uint32_t J, float* acc) {   \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
-            for (c = 0; c < n; ++c) {                                                                             \
-                __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
-                __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
-                __m512 a1 = _mm512_maskz_loadu_ps(mk, o0 + D + c * 16);                                           \
-                __m512 a2 = _mm512_maskz_loadu_ps(mk, o0 + 2 * D + c * 16);                                       \
-                __m512 a3 = _mm512_maskz_loadu_ps(mk, o0 + 3 * D + c * 16);                                       \
+            for (c = 0; c < n; c += 2) {                                                                          \
+                /* Blocks c and c + 1 (the second empty, all-masked, when c is the last). */                     \
+                __mmask16 m0 = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
+                __mmask16 m1 = c + 1 >= n ? (__mmask16)0 : c + 2 == n ? last : (__mmask16)0xffffu;                \
+                float *o = o0 + c * 16;                                                                           \
+                __m512 a0 = _mm512_maskz_loadu_ps(m0, o), a1 = _mm512_maskz_loadu_ps(m0, o + D);                  \
+                __m512 a2 = _mm512_maskz_loadu_ps(m0, o + 2 * D), a3 = _mm512_maskz_loadu_ps(m0, o + 3 * D);      \
+                __m512 b0 = _mm512_maskz_loadu_ps(m1, o + 16), b1 = _mm512_maskz_loadu_ps(m1, o + D + 16);        \
+                __m512 b2 = _mm512_maskz_loadu_ps(m1, o + 2 * D + 16);                                            \
+                __m512 b3 = _mm512_maskz_loadu_ps(m1, o + 3 * D + 16);                                            \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m512 vv = LDM(mk, v[j] + (size_t)c * 16 * ES);                                        \
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), vv, a0);                                          \
-                    a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[sj + j]), vv, a1);                                     \
-                    a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
-                    a3 = _mm512_fmadd_ps(_mm512_set1_ps(p0[3 * sj + j]), vv, a3);                                 \
+                    __m512 v0 = LDM(m0, v[j] + (size_t)c * 16 * ES);                                              \
+                    __m512 v1 = LDM(m1, v[j] + (size_t)(c + 1) * 16 * ES);                                        \
+                    __m512 x = _mm512_set1_ps(p0[j]);                                                             \
+                    a0 = _mm512_fmadd_ps(x, v0, a0); b0 = _mm512_fmadd_ps(x, v1, b0);                             \
+                    x = _mm512_set1_ps(p0[sj + j]);                                                               \
+                    a1 = _mm512_fmadd_ps(x, v0, a1); b1 = _mm512_fmadd_ps(x, v1, b1);                             \
+                    x = _mm512_set1_ps(p0[2 * sj + j]);                                                           \
+                    a2 = _mm512_fmadd_ps(x, v0, a2); b2 = _mm512_fmadd_ps(x, v1, b2);                             \
+                    x = _mm512_set1_ps(p0[3 * sj + j]);                                                           \
+                    a3 = _mm512_fmadd_ps(x, v0, a3); b3 = _mm512_fmadd_ps(x, v1, b3);                             \
                 }                                                                                                 \
-                _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
-                _mm512_mask_storeu_ps(o0 + D + c * 16, mk, a1);                                                   \
-                _mm512_mask_storeu_ps(o0 + 2 * D + c * 16, mk, a2);                                               \
-                _mm512_mask_storeu_ps(o0 + 3 * D + c * 16, mk, a3);                                               \
+                _mm512_mask_storeu_ps(o, m0, a0); _mm512_mask_storeu_ps(o + D, m0, a1);                           \
+                _mm512_mask_storeu_ps(o + 2 * D, m0, a2); _mm512_mask_storeu_ps(o + 3 * D, m0, a3);               \
+                _mm512_mask_storeu_ps(o + 16, m1, b0); _mm512_mask_storeu_ps(o + D + 16, m1, b1);                 \
+                _mm512_mask_storeu_ps(o + 2 * D + 16, m1, b2); _mm512_mask_storeu_ps(o + 3 * D + 16, m1, b3);     \
             }                                                                                                     \
         }                                                                                                         \
         for (; m < M; ++m) {                                                                                      \
@@ -2294,7 +2357,7 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
                 __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
                 __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v[j] + (size_t)c * 16 * ES), a0);  \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v[j] + (size_t)c * 16 * ES), a0);         \
                 _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
             }                                                                                                     \
         }                                                                                                         \
@@ -2627,11 +2690,15 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
 /* CPU attention: planning and the online-softmax driver                    */
 /* ------------------------------------------------------------------------ */
 
-/* A unit of work is (sequence, KV head, a sub-group of that head's query
-   heads, a tile of query positions, a part of the key range). Its M rows
-   (positions x heads) share every K/V vector they load. M * head_dim is
-   bounded so the per-thread state fits on the stack (~40 KiB). */
-#define LLMKV__ATTN_MAX_ROWS 16u
+/* A unit of work is (sequence, a sub-group of each KV head's query heads, a
+   tile of query positions, a block of adjacent KV heads, a part of the key
+   range). The rows of one KV head (positions x its query heads, at most
+   HEAD_ROWS) share every K/V vector they load; a block of several KV heads
+   reads each page's K and V parts as one contiguous stream, which is what
+   decode at memory speed needs. Rows * head_dim is bounded so the
+   per-thread state fits on the stack (about 56 KiB). */
+#define LLMKV__ATTN_HEAD_ROWS 16u
+#define LLMKV__ATTN_MAX_ROWS 64u
 #define LLMKV__ATTN_MAX_ELEMS 4096u
 #define LLMKV__ATTN_CHUNK 64u       /* keys scored at once */
 #define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
@@ -2643,7 +2710,7 @@ typedef struct llmkv__job {
     llmkv__kernels kern;
     llmkv__qk_fn qk;
     llmkv__pv_fn pv;
-    uint32_t D, G, HS, QT, n_hsub, nth, splits;
+    uint32_t D, G, HS, QT, unit_rows, nth, splits;
     size_t q_stride, out_stride;    /* in floats */
     float scale, cap;
     const unsigned char* k_base;    /* pool + layer offset + K part */
@@ -2651,7 +2718,7 @@ typedef struct llmkv__job {
 } llmkv__job;
 
 typedef struct llmkv__unit {
-    uint32_t seq, kvh, h0, h1, t0, t1, k0, k1, split, n_splits;
+    uint32_t seq, kvh0, kvh1, h0, h1, t0, t1, k0, k1, split, n_splits;
     uint64_t ws;                    /* float offset of its partial (split units) */
 } llmkv__unit;
 
@@ -2698,6 +2765,10 @@ static uint32_t llmkv__n_splits(const llmkv__job* jb, uint32_t i) {
     return n < 1 ? 1 : n < jb->splits ? n : jb->splits;
 }
 
+static uint32_t llmkv__unit_rows(const llmkv__unit* u) {
+    return (u->kvh1 - u->kvh0) * (u->t1 - u->t0) * (u->h1 - u->h0);
+}
+
 /* Advances to the next unit in the fixed order; 0 at the end. The split
    index is innermost, so a split unit's parts are adjacent and so are their
    partials in the workspace. */
@@ -2711,29 +2782,35 @@ static int llmkv__walk_next(const llmkv__job* jb, llmkv__walk* w) {
         u->seq = 0;
         goto seq_start;
     }
-    if (u->n_splits > 1) w->ws_next += (uint64_t)(u->t1 - u->t0) * (u->h1 - u->h0) * (jb->D + 2);
+    if (u->n_splits > 1) w->ws_next += (uint64_t)llmkv__unit_rows(u) * (jb->D + 2);
     if (++u->split < u->n_splits) goto split_start;
+    u->kvh0 = u->kvh1;
+    if (u->kvh0 < jb->kv->layout.n_kv_heads) goto kvh_start;
     u->t0 = u->t1;
     if (u->t0 < llmkv__q_len(b, u->seq)) goto tile_start;
     u->h0 = u->h1;
     if (u->h0 < jb->G) goto hsub_start;
-    if (++u->kvh < jb->kv->layout.n_kv_heads) goto kvh_start;
     u->seq++;
 seq_start:
     while (u->seq < b->n_seqs && llmkv__q_len(b, u->seq) == 0) u->seq++;
     if (u->seq >= b->n_seqs) return 0;
     u->n_splits = llmkv__n_splits(jb, u->seq);
-    u->kvh = 0;
-kvh_start:
     u->h0 = 0;
 hsub_start:
     u->h1 = u->h0 + jb->HS < jb->G ? u->h0 + jb->HS : jb->G;
     u->t0 = 0;
 tile_start:
     {
-        uint32_t q = llmkv__q_len(b, u->seq), qt = LLMKV__ATTN_MAX_ROWS / (u->h1 - u->h0);
+        uint32_t q = llmkv__q_len(b, u->seq), qt = LLMKV__ATTN_HEAD_ROWS / (u->h1 - u->h0);
         if (qt > jb->QT) qt = jb->QT;
         u->t1 = u->t0 + qt < q ? u->t0 + qt : q;
+    }
+    u->kvh0 = 0;
+kvh_start:
+    {
+        uint32_t per_head = (u->t1 - u->t0) * (u->h1 - u->h0), n = jb->unit_rows / per_head;
+        if (n < 1) n = 1;
+        u->kvh1 = u->kvh0 + n < jb->kv->layout.n_kv_heads ? u->kvh0 + n : jb->kv->layout.n_kv_heads;
     }
     u->split = 0;
 split_start:
@@ -2749,7 +2826,36 @@ static uint64_t llmkv__unit_cost(const llmkv__job* jb, const llmkv__unit* u) {
     llmkv__row_keys(jb, L, q, u->t1 - 1, &unused, &hi);
     if (lo < u->k0) lo = u->k0;
     if (hi > u->k1) hi = u->k1;
-    return (uint64_t)(u->t1 - u->t0) * (u->h1 - u->h0) * ((hi > lo ? hi - lo : 0) + 16);
+    return (uint64_t)llmkv__unit_rows(u) * ((hi > lo ? hi - lo : 0) + 16);
+}
+
+/* Fills the K and V row pointers (of the unit's first KV head) of keys
+   [k, min(k + CHUNK, kmax)); returns how many (0 past the end). */
+static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, const int32_t* pages, uint32_t k,
+                                  uint32_t kmax, const unsigned char** kp, const unsigned char** vp) {
+    const llmkv_layout* ly = &jb->kv->layout;
+    uint32_t J = k < kmax ? (kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK) : 0, j;
+    for (j = 0; j < J; ++j) {
+        uint64_t page = (uint64_t)pages[(k + j) / ly->page_size] * ly->page_bytes;
+        uint32_t slot = (k + j) % ly->page_size;
+        kp[j] = jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
+        vp[j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
+    }
+    return J;
+}
+
+/* Asks for rows (of n_heads heads, head_stride apart) into the cache
+   hierarchy (L2) ahead of use. */
+static void llmkv__prefetch_rows(const unsigned char* const* rows, uint32_t n, uint32_t row_bytes, uint32_t n_heads,
+                                 uint64_t head_stride) {
+#if defined(__GNUC__) || defined(__clang__)
+    uint32_t j, b, off;
+    for (b = 0; b < n_heads; ++b)
+        for (j = 0; j < n; ++j)
+            for (off = 0; off < row_bytes; off += 64) __builtin_prefetch(rows[j] + b * head_stride + off, 0, 2);
+#else
+    (void)rows; (void)n; (void)row_bytes; (void)n_heads; (void)head_stride;
+#endif
 }
 
 /* Computes one unit: online softmax over its keys, page by page. Writes the
@@ -2761,14 +2867,18 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     uint32_t lo[LLMKV__ATTN_MAX_ROWS], hi[LLMKV__ATTN_MAX_ROWS];
     const llmkv_layout* ly = &jb->kv->layout;
     const llmkv_batch* b = jb->b;
-    uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, ps = ly->page_size;
+    uint32_t D = jb->D, HS = u->h1 - u->h0, Mh = (u->t1 - u->t0) * HS, NB = u->kvh1 - u->kvh0, M = NB * Mh, hb;
+    const unsigned char* kb[LLMKV__ATTN_CHUNK];
+    const unsigned char* vb[LLMKV__ATTN_CHUNK];
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
-    uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k;
+    uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, cur;
+    const unsigned char* kp[2][LLMKV__ATTN_CHUNK];
+    const unsigned char* vp[2][LLMKV__ATTN_CHUNK];
 
     for (r = 0; r < M; ++r) {
-        t = u->t0 + r / HS;
-        h = jb->G * u->kvh + u->h0 + r % HS;
+        t = u->t0 + r % Mh / HS;
+        h = jb->G * (u->kvh0 + r / Mh) + u->h0 + r % HS;
         {
             const float* qr = jb->d->q + (size_t)(row0 + t) * jb->q_stride + (size_t)h * D;
             for (d = 0; d < D; ++d) Qs[(size_t)r * D + d] = qr[d] * jb->scale;
@@ -2785,19 +2895,21 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
 
     /* Keys outside [kmin, kmax) are hidden from every row: those pages are
        never touched. */
-    for (k = kmin; k < kmax;) {
-        const unsigned char* kp[LLMKV__ATTN_CHUNK];
-        const unsigned char* vp[LLMKV__ATTN_CHUNK];
-        uint32_t J = kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK, j;
+    /* Pointers of the chunk being scored, and of the next one, whose rows
+       are prefetched meanwhile: one KV head of a page is only page_size
+       rows, and hardware prefetchers stop at every page change. */
+    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, kp[0], vp[0]);
+    for (k = kmin, cur = 0; k < kmax; k += J, J = Jn, cur ^= 1) {
+        uint32_t j;
         int whole = 1; /* every row sees every key of the chunk */
-        for (j = 0; j < J; ++j) {
-            uint64_t page = (uint64_t)pages[(k + j) / ps] * ly->page_bytes;
-            uint32_t slot = (k + j) % ps;
-            kp[j] = jb->k_base + page + (size_t)u->kvh * ly->k.head_stride + slot * ly->k.slot_stride;
-            vp[j] = jb->v_base + page + (size_t)u->kvh * ly->v.head_stride + slot * ly->v.slot_stride;
-        }
+        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, kp[cur ^ 1], vp[cur ^ 1]);
+        llmkv__prefetch_rows(kp[cur ^ 1], Jn, (uint32_t)ly->k.slot_stride, NB, ly->k.head_stride);
+        llmkv__prefetch_rows(vp[cur ^ 1], Jn, (uint32_t)ly->v.slot_stride, NB, ly->v.head_stride);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
-        jb->qk(Qs, M, D, kp, J, S, LLMKV__ATTN_CHUNK);
+        for (hb = 0; hb < NB; ++hb) {
+            for (j = 0; j < J; ++j) kb[j] = kp[cur][j] + hb * ly->k.head_stride;
+            jb->qk(Qs + (size_t)hb * Mh * D, Mh, D, kb, J, S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK);
+        }
         for (r = 0; r < M; ++r) {
             float* s = S + (size_t)r * LLMKV__ATTN_CHUNK;
             float cmax = -INFINITY, newm, alpha;
@@ -2818,13 +2930,15 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
                 for (d = 0; d < D; ++d) acc[(size_t)r * D + d] *= alpha;
             mx[r] = newm;
         }
-        jb->pv(S, LLMKV__ATTN_CHUNK, M, D, vp, J, acc);
-        k += J;
+        for (hb = 0; hb < NB; ++hb) {
+            for (j = 0; j < J; ++j) vb[j] = vp[cur][j] + hb * ly->v.head_stride;
+            jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK, Mh, D, vb, J, acc + (size_t)hb * Mh * D);
+        }
     }
 
     for (r = 0; r < M; ++r) {
-        t = u->t0 + r / HS;
-        h = jb->G * u->kvh + u->h0 + r % HS;
+        t = u->t0 + r % Mh / HS;
+        h = jb->G * (u->kvh0 + r / Mh) + u->h0 + r % HS;
         if (partial) {
             float* p = partial + (size_t)r * (D + 2);
             memcpy(p, acc + (size_t)r * D, D * sizeof(float));
@@ -2844,14 +2958,14 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
 /* Merges the n parts of a split unit (first part `u`) by log-sum-exp. */
 static void llmkv__merge_unit(const llmkv__job* jb, const llmkv__unit* u, const float* ws) {
     const llmkv_batch* b = jb->b;
-    uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, r, s, d, t, h;
+    uint32_t D = jb->D, HS = u->h1 - u->h0, Mh = (u->t1 - u->t0) * HS, M = llmkv__unit_rows(u), r, s, d, t, h;
     uint32_t row0 = (uint32_t)b->qo_indptr[u->seq], nq = jb->G * jb->kv->layout.n_kv_heads;
     size_t part = (size_t)M * (D + 2);
     for (r = 0; r < M; ++r) {
         float m = -INFINITY, lsum = 0.0f, inv;
         float* o;
-        t = u->t0 + r / HS;
-        h = jb->G * u->kvh + u->h0 + r % HS;
+        t = u->t0 + r % Mh / HS;
+        h = jb->G * (u->kvh0 + r / Mh) + u->h0 + r % HS;
         o = jb->d->out + (size_t)(row0 + t) * jb->out_stride + (size_t)h * D;
         for (s = 0; s < u->n_splits; ++s) {
             float ms = ws[u->ws + s * part + (size_t)r * (D + 2) + D];
@@ -2894,8 +3008,8 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
         return LLMKV_ERR_MISALIGNED;
     if ((d->q_stride && d->q_stride < row_bytes) || (d->out_stride && d->out_stride < row_bytes))
         return LLMKV_ERR_BUFFER_TOO_SMALL;
-    path = d->path == LLMKV_CPU_PATH_AUTO ? llmkv_cpu_path_auto() : d->path;
-    if (!llmkv__cpu_has(path)) return LLMKV_ERR_UNSUPPORTED;
+    path = d->path == LLMKV_CPU_PATH_AUTO ? kv->cpu_auto : d->path;
+    if ((unsigned)path > LLMKV_CPU_PATH_NEON || !(kv->cpu_paths >> path & 1u)) return LLMKV_ERR_UNSUPPORTED;
     r = llmkv_batch_check(b);
     if (r != LLMKV_OK) return r;
     if (!kv->pool) return LLMKV_ERR_NO_PAGE_DATA;
@@ -2910,11 +3024,13 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     jb->D = ly->head_dim;
     jb->G = d->n_q_heads / ly->n_kv_heads;
     {
-        uint32_t max_rows = LLMKV__ATTN_MAX_ELEMS / jb->D;
-        if (max_rows > LLMKV__ATTN_MAX_ROWS) max_rows = LLMKV__ATTN_MAX_ROWS;
-        if (max_rows < 1) max_rows = 1;
-        jb->HS = jb->G < max_rows ? jb->G : max_rows;
-        jb->QT = max_rows / jb->HS;
+        uint32_t unit_rows = LLMKV__ATTN_MAX_ELEMS / jb->D, head_rows;
+        if (unit_rows > LLMKV__ATTN_MAX_ROWS) unit_rows = LLMKV__ATTN_MAX_ROWS;
+        if (unit_rows < 1) unit_rows = 1;
+        head_rows = unit_rows < LLMKV__ATTN_HEAD_ROWS ? unit_rows : LLMKV__ATTN_HEAD_ROWS;
+        jb->unit_rows = unit_rows;
+        jb->HS = jb->G < head_rows ? jb->G : head_rows;
+        jb->QT = head_rows / jb->HS;
     }
     jb->q_stride = (d->q_stride ? d->q_stride : row_bytes) / sizeof(float);
     jb->out_stride = (d->out_stride ? d->out_stride : row_bytes) / sizeof(float);
@@ -2940,7 +3056,7 @@ static uint64_t llmkv__attn_ws_floats(const llmkv__job* jb) {
     uint64_t n = 0;
     memset(&w, 0, sizeof w);
     while (llmkv__walk_next(jb, &w))
-        if (w.u.n_splits > 1) n = w.u.ws + (uint64_t)(w.u.t1 - w.u.t0) * (w.u.h1 - w.u.h0) * (jb->D + 2);
+        if (w.u.n_splits > 1) n = w.u.ws + (uint64_t)llmkv__unit_rows(&w.u) * (jb->D + 2);
     return n;
 }
 
