@@ -245,6 +245,7 @@ static void test_defaults(tst* t) {
     llmkv_desc d, e;
     llmkv_cache* kv;
     memset(&d, 0, sizeof d);
+    memset(&e, 0, sizeof e); /* read even if a call under test fails */
     d.n_layers = 3; d.n_kv_heads = 2; d.head_dim = 8; d.n_pages = 10;
     OK(t, llmkv_cache_create(&d, &kv));
     OK(t, llmkv_cache_desc(kv, &e));
