@@ -294,8 +294,9 @@ static void test_layout_addresses_vectors(tst* t) {
     llmkv_layout l;
     llmkv_seq s;
     uint32_t pages[8], n, pos, layer, h, e;
-    void* base;
-    uint64_t bytes;
+    void* base = NULL;
+    uint64_t bytes = 0;
+    memset(&l, 0, sizeof l);
     d.v_dtype = LLMKV_DTYPE_F16;
     OK(t, llmkv_cache_create(&d, &kv));
     OK(t, llmkv_cache_layout(kv, &l));
@@ -331,9 +332,10 @@ static void test_pool_over_4gib_metadata(tst* t) {
     llmkv_seq s;
     llmkv_batch* b;
     llmkv_batch_info bi;
-    uint64_t bytes;
-    void* base;
+    uint64_t bytes = 0;
+    void* base = NULL;
     uint32_t q = 1;
+    memset(&l, 0, sizeof l);
     memset(&d, 0, sizeof d);
     d.n_layers = 32; d.n_kv_heads = 8; d.head_dim = 128; d.page_size = 16;
     d.storage = LLMKV_STORAGE_METADATA_ONLY;
@@ -386,7 +388,7 @@ static void test_pool_over_4gib_host(tst* t) {
     OK(t, llmkv_gather(kv, s, 0, len - 1, 1, NULL, 0, out, 0, LLMKV_DTYPE_F32));
     TST_CHECK(t, memcmp(out, row, 512 * 4) == 0);
     {
-        void* base;
+        void* base = NULL;
         uint64_t bytes;
         float last;
         OK(t, llmkv_cache_pool(kv, &base, &bytes));
@@ -401,11 +403,12 @@ static void test_pool_over_4gib_host(tst* t) {
 
 static void test_create_in_caller_memory(tst* t) {
     llmkv_desc d = small_desc(4, 10);
-    size_t size, per_page;
+    size_t size = 0, per_page = 0;
     unsigned char* buf;
     llmkv_cache* kv;
     llmkv_seq s;
     llmkv_desc e;
+    memset(&e, 0, sizeof e);
     OK(t, llmkv_cache_memory_size(&d, &size, &per_page));
     TST_EQ(t, per_page, 0);
     buf = (unsigned char*)malloc(size + 3);
@@ -882,7 +885,7 @@ static void test_planner_and_presets(tst* t) {
         {"qwen2.5-7b", 28, 28, 4, 128},  {"phi-3-mini", 32, 32, 32, 96},  {"gemma-2-9b", 42, 16, 8, 256}};
     size_t i;
     llmkv_desc d;
-    uint64_t bytes, tokens;
+    uint64_t bytes = 0, tokens = 0;
     uint32_t count;
     for (i = 0; i < sizeof want / sizeof want[0]; ++i) {
         const llmkv_model_preset* p = llmkv_model_preset_find(want[i].name);
@@ -917,6 +920,7 @@ static void test_stats_exact(tst* t) {
     llmkv_seq a, b;
     llmkv_stats st;
     llmkv_layout l;
+    memset(&l, 0, sizeof l);
     OK(t, llmkv_cache_create(&d, &kv));
     OK(t, llmkv_cache_layout(kv, &l));
     OK(t, llmkv_seq_create(kv, &a));
