@@ -45,10 +45,11 @@ static void fill_rows(float* k, float* v, uint32_t layer, uint32_t first, uint32
 /* Appends n tokens to s (reserve, then put every layer with val()). */
 static llmkv_result append(llmkv_cache* kv, llmkv_seq s, uint32_t n) {
     float k[64 * 8], v[64 * 8];
-    uint32_t len, layer;
+    uint32_t len = 0, layer;
     llmkv_result r = llmkv_reserve(kv, s, n);
     if (r != LLMKV_OK) return r;
-    llmkv_seq_length(kv, s, &len);
+    r = llmkv_seq_length(kv, s, &len);
+    if (r != LLMKV_OK) return r;
     for (layer = 0; layer < 2; ++layer) {
         fill_rows(k, v, layer, len - n, n);
         r = llmkv_put(kv, s, layer, n, k, 0, v, 0, LLMKV_DTYPE_F32);
