@@ -96,7 +96,8 @@
 
        Every fallible function returns llmkv_result: LLMKV_OK (0) or a
        negative code (llmkv_result_string() names it). A failed call leaves
-       the cache exactly as it was. After creation the cache allocates
+       the cache exactly as it was; its out-parameters are zeroed (a zero
+       handle, length or count) whenever the pointer itself was valid. After creation the cache allocates
        nothing: page tables, the free list and every other structure are
        sized from the descriptor up front.
 
@@ -1395,6 +1396,7 @@ static int llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, u
 LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     uint32_t slot;
     llmkv__seq* s;
+    if (out) out->id = 0; /* the never-valid handle, until this succeeds */
     if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
     if (cache->free_head == LLMKV__NO_SLOT) return LLMKV_ERR_TOO_MANY_SEQUENCES;
     slot = cache->free_head;
@@ -1440,6 +1442,7 @@ LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
 
 LLMKV_API llmkv_result llmkv_seq_length(const llmkv_cache* cache, llmkv_seq seq, uint32_t* length) {
     const llmkv__seq* s;
+    if (length) *length = 0;
     if (!cache || !length) return LLMKV_ERR_INVALID_ARGUMENT;
     s = llmkv__lookup(cache, seq, NULL);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
@@ -1451,6 +1454,7 @@ LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, 
                                        uint32_t max_pages, uint32_t* n_pages) {
     const llmkv__seq* s;
     uint32_t slot;
+    if (n_pages) *n_pages = 0;
     if (!cache || !n_pages || (!pages && max_pages)) return LLMKV_ERR_INVALID_ARGUMENT;
     s = llmkv__lookup(cache, seq, &slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
@@ -1634,6 +1638,7 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     const uint32_t* st;
     llmkv_seq h;
     llmkv_result r;
+    if (out) out->id = 0;
     if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
     s = llmkv__lookup(cache, src, &src_slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
@@ -1672,6 +1677,7 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
 LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
                                             uint32_t* n_cmds) {
     uint32_t n, i;
+    if (n_cmds) *n_cmds = 0;
     if (!cache || !n_cmds || (!cmds && max_cmds)) return LLMKV_ERR_INVALID_ARGUMENT;
     n = cache->copy_count < max_cmds ? cache->copy_count : max_cmds;
     for (i = 0; i < n; ++i) cmds[i] = cache->copies[(cache->copy_head + i) % cache->copy_cap];
@@ -1829,8 +1835,8 @@ LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
 
 LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info) {
     llmkv_result r;
+    if (info) memset(info, 0, sizeof *info);
     if (!batch || !info) return LLMKV_ERR_INVALID_ARGUMENT;
-    memset(info, 0, sizeof *info);
     r = llmkv_batch_check(batch);
     if (r != LLMKV_OK) return r;
     info->n_seqs = batch->n_seqs;
