@@ -2154,7 +2154,8 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 /* CPU attention: kernels                                                   */
 /*                                                                          */
 /* Each path provides three primitives over one chunk of J <= 64 keys, given */
-/* as row pointers (a chunk spans pages):                                   */
+/* as row pointers plus a byte offset (a chunk spans pages; the offset picks */
+/* the KV head):                                                            */
 /*   qk:  S[m][j] = Q[m] . K[j]           for M query rows (already scaled) */
 /*   pv:  A[m][:] += sum_j P[m][j] V[j]   the weighted sum of values        */
 /*   ex:  x[i] = exp(x[i] - sub), returning the sum (exp(-inf) is 0)        */
@@ -2163,16 +2164,18 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 /* query heads of a GQA group.                                              */
 /* ------------------------------------------------------------------------ */
 
-typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, uint32_t J,
+typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, uint32_t J,
                              float* S, uint32_t sj);
-typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* const* v,
+typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* const* v, size_t voff,
                              uint32_t J, float* acc);
 typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
+typedef float (*llmkv__max_fn)(const float* x, uint32_t n);
 
 typedef struct llmkv__kernels {
     llmkv__qk_fn qk[3]; /* by storage type: F32, F16, BF16 */
     llmkv__pv_fn pv[3];
     llmkv__ex_fn ex;
+    llmkv__max_fn max; /* max of n >= 1 scores (-inf allowed) */
 } llmkv__kernels;
 
 /* --- scalar reference ---------------------------------------------------- */
@@ -2182,28 +2185,35 @@ static float llmkv__ld_f16(const unsigned char* p, uint32_t i) { uint16_t h; mem
 static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_bf16_to_f32(h); }
 
 #define LLMKV__SCALAR_KERNELS(SUFFIX, LD)                                                                        \
-    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,   \
+    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,   \
                                           uint32_t J, float* S, uint32_t sj) {                        \
         uint32_t m, j, d;                                                                                        \
         for (j = 0; j < J; ++j)                                                                                  \
             for (m = 0; m < M; ++m) {                                                                            \
                 float s = 0.0f;                                                                                  \
-                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k[j], d);                           \
+                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD((k[j] + koff), d);                           \
                 S[(size_t)m * sj + j] = s;                                                                       \
             }                                                                                                    \
     }                                                                                                            \
     static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
-                                          const unsigned char* const* v, uint32_t J, float* acc) {           \
+                                          const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {           \
         uint32_t m, j, d;                                                                                        \
         for (j = 0; j < J; ++j)                                                                                  \
             for (d = 0; d < D; ++d) {                                                                            \
-                float x = LD(v[j], d);                                                                     \
+                float x = LD((v[j] + voff), d);                                                                     \
                 for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
             }                                                                                                    \
     }
 LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32)
 LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16)
 LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16)
+
+static float llmkv__max_scalar(const float* x, uint32_t n) {
+    float m = x[0];
+    uint32_t i;
+    for (i = 1; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
 
 static float llmkv__ex_scalar(float* x, uint32_t n, float sub) {
     uint32_t i;
@@ -2265,7 +2275,7 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
    time, for the same reason. */
 #define LLMKV__AVX512_KERNELS(SUFFIX, LDM, ES)                                                                    \
     static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                    \
-                                                      const unsigned char* const* k, uint32_t J, float* S,        \
+                                                      const unsigned char* const* k, size_t koff, uint32_t J, float* S,        \
                                                       uint32_t sj) {                                              \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
@@ -2276,7 +2286,7 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    __m512 k0 = LDM(mk, k[j] + (size_t)c * 16 * ES), k1 = LDM(mk, k[j + 1] + (size_t)c * 16 * ES); \
+                    __m512 k0 = LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES), k1 = LDM(mk, (k[j + 1] + koff) + (size_t)c * 16 * ES); \
                     __m512 x = _mm512_maskz_loadu_ps(mk, q0 + c * 16);                                            \
                     a0 = _mm512_fmadd_ps(x, k0, a0); b0 = _mm512_fmadd_ps(x, k1, b0);                             \
                     x = _mm512_maskz_loadu_ps(mk, q1 + c * 16);                                                   \
@@ -2297,7 +2307,7 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    __m512 k0 = LDM(mk, k[j] + (size_t)c * 16 * ES);                                              \
+                    __m512 k0 = LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES);                                              \
                     a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16), k0, a0);                         \
                     a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q1 + c * 16), k0, a1);                         \
                     a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q2 + c * 16), k0, a2);                         \
@@ -2315,14 +2325,14 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
                 for (c = 0; c < n; ++c) {                                                                         \
                     __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
                     a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16),                                  \
-                                         LDM(mk, k[j] + (size_t)c * 16 * ES), a0);                                \
+                                         LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES), a0);                                \
                 }                                                                                                 \
                 S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                       \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,      \
-                                                      const unsigned char* const* v, uint32_t J, float* acc) {   \
+                                                      const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {   \
         uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
         __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
         for (; m + 4 <= M; m += 4) {                                                                              \
@@ -2339,8 +2349,8 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
                 __m512 b2 = _mm512_maskz_loadu_ps(m1, o + 2 * D + 16);                                            \
                 __m512 b3 = _mm512_maskz_loadu_ps(m1, o + 3 * D + 16);                                            \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m512 v0 = LDM(m0, v[j] + (size_t)c * 16 * ES);                                              \
-                    __m512 v1 = LDM(m1, v[j] + (size_t)(c + 1) * 16 * ES);                                        \
+                    __m512 v0 = LDM(m0, (v[j] + voff) + (size_t)c * 16 * ES);                                              \
+                    __m512 v1 = LDM(m1, (v[j] + voff) + (size_t)(c + 1) * 16 * ES);                                        \
                     __m512 x = _mm512_set1_ps(p0[j]);                                                             \
                     a0 = _mm512_fmadd_ps(x, v0, a0); b0 = _mm512_fmadd_ps(x, v1, b0);                             \
                     x = _mm512_set1_ps(p0[sj + j]);                                                               \
@@ -2363,7 +2373,7 @@ static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 
                 __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
                 __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, v[j] + (size_t)c * 16 * ES), a0);         \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, (v[j] + voff) + (size_t)c * 16 * ES), a0);         \
                 _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
             }                                                                                                     \
         }                                                                                                         \
@@ -2392,6 +2402,20 @@ static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
 }
 
+static LLMKV__T512 float llmkv__max_avx512(const float* x, uint32_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    uint32_t i;
+    float t[16], r;
+    for (i = 0; i < n; i += 16) {
+        __mmask16 mk = (__mmask16)(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1);
+        m = _mm512_mask_max_ps(m, mk, m, _mm512_maskz_loadu_ps(mk, x + i));
+    }
+    _mm512_storeu_ps(t, m);
+    r = t[0];
+    for (i = 1; i < 16; ++i) r = t[i] > r ? t[i] : r;
+    return r;
+}
+
 static LLMKV__T512 float llmkv__ex_avx512(float* x, uint32_t n, float sub) {
     __m512 s = _mm512_setzero_ps(), b = _mm512_set1_ps(sub);
     uint32_t i;
@@ -2418,13 +2442,13 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
 
 #define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
     static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
-                                                    const unsigned char* const* k, uint32_t J, float* S,      \
+                                                    const unsigned char* const* k, size_t koff, uint32_t J, float* S,      \
                                                     uint32_t sj) {                                                \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k[j];                                                             \
+                const unsigned char* kr = (k[j] + koff);                                                             \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
@@ -2447,7 +2471,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k[j];                                                             \
+                const unsigned char* kr = (k[j] + koff);                                                             \
                 __m256 a0 = _mm256_setzero_ps();                                                                  \
                 float t0 = 0;                                                                                     \
                 for (c = 0; c < n; ++c)                                                                           \
@@ -2458,7 +2482,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
-                                                    const unsigned char* const* v, uint32_t J, float* acc) { \
+                                                    const unsigned char* const* v, size_t voff, uint32_t J, float* acc) { \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
@@ -2467,7 +2491,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8), a1 = _mm256_loadu_ps(o0 + D + c * 8);                   \
                 __m256 a2 = _mm256_loadu_ps(o0 + 2 * D + c * 8), a3 = _mm256_loadu_ps(o0 + 3 * D + c * 8);       \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m256 vv = LD(v[j] + (size_t)c * 8 * ES);                                              \
+                    __m256 vv = LD((v[j] + voff) + (size_t)c * 8 * ES);                                              \
                     a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), vv, a0);                                          \
                     a1 = _mm256_fmadd_ps(_mm256_set1_ps(p0[sj + j]), vv, a1);                                     \
                     a2 = _mm256_fmadd_ps(_mm256_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
@@ -2485,14 +2509,14 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
             for (c = 0; c < n; ++c) {                                                                             \
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8);                                                          \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v[j] + (size_t)c * 8 * ES), a0);         \
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD((v[j] + voff) + (size_t)c * 8 * ES), a0);         \
                 _mm256_storeu_ps(o0 + c * 8, a0);                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 8 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 8; d < D; ++d) {                                                                     \
-                    float x = LDS(v[j], d);                                                                 \
+                    float x = LDS((v[j] + voff), d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
@@ -2518,6 +2542,18 @@ static LLMKV__T256 __m256 llmkv__exp256(__m256 x) {
     two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
     p = _mm256_mul_ps(p, two_n);
     return _mm256_andnot_ps(tiny, p);
+}
+
+static LLMKV__T256 float llmkv__max_avx2(const float* x, uint32_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    uint32_t i;
+    float t[8], r;
+    for (i = 0; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    _mm256_storeu_ps(t, m);
+    r = t[0];
+    for (i = 1; i < 8; ++i) r = t[i] > r ? t[i] : r;
+    for (i = n / 8 * 8; i < n; ++i) r = x[i] > r ? x[i] : r;
+    return r;
 }
 
 static LLMKV__T256 float llmkv__ex_avx2(float* x, uint32_t n, float sub) {
@@ -2550,13 +2586,13 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
 }
 
 #define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
-    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,           \
+    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,           \
                                         uint32_t J, float* S, uint32_t sj) {                          \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k[j];                                                             \
+                const unsigned char* kr = (k[j] + koff);                                                             \
                 float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
@@ -2579,7 +2615,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = k[j];                                                             \
+                const unsigned char* kr = (k[j] + koff);                                                             \
                 float32x4_t a0 = vdupq_n_f32(0);                                                                  \
                 float t0 = 0;                                                                                     \
                 for (c = 0; c < n; ++c) a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), LD(kr + (size_t)c * 4 * ES));   \
@@ -2589,7 +2625,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
-                                        const unsigned char* const* v, uint32_t J, float* acc) {             \
+                                        const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {             \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
@@ -2598,7 +2634,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
                 float32x4_t a0 = vld1q_f32(o0 + c * 4), a1 = vld1q_f32(o0 + D + c * 4);                           \
                 float32x4_t a2 = vld1q_f32(o0 + 2 * D + c * 4), a3 = vld1q_f32(o0 + 3 * D + c * 4);               \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    float32x4_t vv = LD(v[j] + (size_t)c * 4 * ES);                                         \
+                    float32x4_t vv = LD((v[j] + voff) + (size_t)c * 4 * ES);                                         \
                     a0 = vfmaq_n_f32(a0, vv, p0[j]);                                                              \
                     a1 = vfmaq_n_f32(a1, vv, p0[sj + j]);                                                         \
                     a2 = vfmaq_n_f32(a2, vv, p0[2 * sj + j]);                                                     \
@@ -2615,14 +2651,14 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
             float* o0 = acc + (size_t)m * D;                                                                      \
             for (c = 0; c < n; ++c) {                                                                             \
                 float32x4_t a0 = vld1q_f32(o0 + c * 4);                                                           \
-                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD(v[j] + (size_t)c * 4 * ES), p0[j]);         \
+                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD((v[j] + voff) + (size_t)c * 4 * ES), p0[j]);         \
                 vst1q_f32(o0 + c * 4, a0);                                                                        \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 4 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 4; d < D; ++d) {                                                                     \
-                    float x = LDS(v[j], d);                                                                 \
+                    float x = LDS((v[j] + voff), d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
@@ -2648,6 +2684,16 @@ static float32x4_t llmkv__expq(float32x4_t x) {
     return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(p), tiny));
 }
 
+static float llmkv__max_neon(const float* x, uint32_t n) {
+    float32x4_t m = vdupq_n_f32(-INFINITY);
+    uint32_t i;
+    float r;
+    for (i = 0; i + 4 <= n; i += 4) m = vmaxq_f32(m, vld1q_f32(x + i));
+    r = vmaxvq_f32(m);
+    for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
 static float llmkv__ex_neon(float* x, uint32_t n, float sub) {
     float32x4_t s = vdupq_n_f32(0), b = vdupq_n_f32(sub);
     uint32_t i;
@@ -2670,11 +2716,13 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
         k->ex = llmkv__ex_avx512;
+        k->max = llmkv__max_avx512;
         return;
     case LLMKV_CPU_PATH_AVX2:
         k->qk[0] = llmkv__qk_avx2_f32; k->qk[1] = llmkv__qk_avx2_f16; k->qk[2] = llmkv__qk_avx2_bf16;
         k->pv[0] = llmkv__pv_avx2_f32; k->pv[1] = llmkv__pv_avx2_f16; k->pv[2] = llmkv__pv_avx2_bf16;
         k->ex = llmkv__ex_avx2;
+        k->max = llmkv__max_avx2;
         return;
 #endif
 #ifdef LLMKV__NEON
@@ -2682,12 +2730,14 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         k->qk[0] = llmkv__qk_neon_f32; k->qk[1] = llmkv__qk_neon_f16; k->qk[2] = llmkv__qk_neon_bf16;
         k->pv[0] = llmkv__pv_neon_f32; k->pv[1] = llmkv__pv_neon_f16; k->pv[2] = llmkv__pv_neon_bf16;
         k->ex = llmkv__ex_neon;
+        k->max = llmkv__max_neon;
         return;
 #endif
     default:
         k->qk[0] = llmkv__qk_scalar_f32; k->qk[1] = llmkv__qk_scalar_f16; k->qk[2] = llmkv__qk_scalar_bf16;
         k->pv[0] = llmkv__pv_scalar_f32; k->pv[1] = llmkv__pv_scalar_f16; k->pv[2] = llmkv__pv_scalar_bf16;
         k->ex = llmkv__ex_scalar;
+        k->max = llmkv__max_scalar;
         return;
     }
 }
@@ -2874,8 +2924,6 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     const llmkv_layout* ly = &jb->kv->layout;
     const llmkv_batch* b = jb->b;
     uint32_t D = jb->D, HS = u->h1 - u->h0, Mh = (u->t1 - u->t0) * HS, NB = u->kvh1 - u->kvh0, M = NB * Mh, hb;
-    const unsigned char* kb[LLMKV__ATTN_CHUNK];
-    const unsigned char* vb[LLMKV__ATTN_CHUNK];
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
     uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, cur;
@@ -2912,19 +2960,18 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
         llmkv__prefetch_rows(kp[cur ^ 1], Jn, (uint32_t)ly->k.slot_stride, NB, ly->k.head_stride);
         llmkv__prefetch_rows(vp[cur ^ 1], Jn, (uint32_t)ly->v.slot_stride, NB, ly->v.head_stride);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
-        for (hb = 0; hb < NB; ++hb) {
-            for (j = 0; j < J; ++j) kb[j] = kp[cur][j] + hb * ly->k.head_stride;
-            jb->qk(Qs + (size_t)hb * Mh * D, Mh, D, kb, J, S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK);
-        }
+        for (hb = 0; hb < NB; ++hb)
+            jb->qk(Qs + (size_t)hb * Mh * D, Mh, D, kp[cur], hb * ly->k.head_stride, J,
+                   S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK);
         for (r = 0; r < M; ++r) {
             float* s = S + (size_t)r * LLMKV__ATTN_CHUNK;
-            float cmax = -INFINITY, newm, alpha;
+            float cmax, newm, alpha;
             if (jb->cap > 0.0f)
                 for (j = 0; j < J; ++j) s[j] = jb->cap * tanhf(s[j] / jb->cap);
             if (!whole)
                 for (j = 0; j < J; ++j)
                     if (k + j < lo[r] || k + j >= hi[r]) s[j] = -INFINITY;
-            for (j = 0; j < J; ++j) cmax = s[j] > cmax ? s[j] : cmax;
+            cmax = jb->kern.max(s, J);
             if (cmax == -INFINITY) { /* this row sees none of these keys */
                 memset(s, 0, J * sizeof(float));
                 continue;
@@ -2936,10 +2983,9 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
                 for (d = 0; d < D; ++d) acc[(size_t)r * D + d] *= alpha;
             mx[r] = newm;
         }
-        for (hb = 0; hb < NB; ++hb) {
-            for (j = 0; j < J; ++j) vb[j] = vp[cur][j] + hb * ly->v.head_stride;
-            jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK, Mh, D, vb, J, acc + (size_t)hb * Mh * D);
-        }
+        for (hb = 0; hb < NB; ++hb)
+            jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK, Mh, D, vp[cur], hb * ly->v.head_stride, J,
+                   acc + (size_t)hb * Mh * D);
     }
 
     for (r = 0; r < M; ++r) {
