@@ -101,5 +101,6 @@ static inline float tst_float(tst_rng* r) {
 void suite_cache(tst* t);
 void suite_model(tst* t);
 void suite_fault(tst* t);
+void suite_attn(tst* t);
 
 #endif

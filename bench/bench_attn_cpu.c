@@ -1,0 +1,893 @@
+/* bench_attn_cpu.c - llmkv_attend on the CPU: how fast, and how close to the
+   machine's memory bandwidth.
+
+   Shapes (head_dim 128, page 16 tokens, K and V of one storage type):
+     decode   32 query heads over 8 KV heads, and 32 over 32; contexts 512,
+              4096, 16384, 32768; batch 1, 4, 16 (each sequence holds `ctx`
+              tokens, its newest is the query)
+     prefill  32 query heads over 8 KV heads; chunks of 128 and 512 query
+              tokens over contexts 0 and 4096 (the sequence holds ctx + chunk
+              tokens, the newest `chunk` are the queries), causal
+   for every storage type (F32, F16, BF16) and 1 and 2 threads (1: pool NULL,
+   2: llmkv_threadpool_create(2)). A case whose K/V would pass 6 GiB is
+   skipped and says so. One layer per cache, filled with random values
+   through llmkv_put; every cache is made with llmkv_cache_create_in in one
+   reused buffer, so its memory is faulted in once per run.
+
+   The same run measures the machine's read bandwidth: a streaming read of a
+   1 GiB buffer (far beyond the last-level cache) with 1 and with 2 threads,
+   median of 7 runs, before the cases (the reference of %bw) and again after
+   them (to show whether other work on the machine disturbed the run). Each
+   case reports:
+     time      median (and minimum) over repetitions of one llmkv_attend call,
+               after one untimed warm-up; at least 5 repetitions, more for
+               fast cases (up to 51)
+     tokens/s  decode: batch / time; prefill: chunk / time
+     KV GB/s   K/V bytes the call must read from the cache / time. Decode:
+               sum over sequences of len * n_kv_heads * head_dim * elem * 2;
+               prefill: the K/V of all ctx + chunk positions, counted once
+     %bw       KV GB/s as a percent of the read bandwidth measured with the
+               same number of threads
+     GFLOP/s   4 * n_q_heads * head_dim * (query, key) pairs visible under
+               the causal mask, / time
+   Cold caches: a case with less than 256 MiB of K/V would otherwise find it
+   in the CPU caches on every repetition, which a layer of a real model never
+   does; before each of its calls (warm-up included) the benchmark reads a
+   64 MiB buffer on every thread, untimed. Larger cases evict themselves.
+
+   After the warm-up, untimed, every output is checked finite and a few rows
+   (first and last sequence or query, first and last head) are compared with
+   a double-precision reference read straight from the pages: relative L2
+   error at most 1e-2, or the run fails.
+
+   Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]
+                         [--kind decode|prefill] [--path scalar|avx2|avx512|neon]
+     --json     one JSON object per line (bandwidth lines, then one per case,
+                skipped cases included), nothing else on stdout
+     --quick    a smoke run: a handful of small cases, 3 repetitions each,
+                a 256 MiB bandwidth buffer; figures not meant to be reported
+     --threads  only that thread count (1..256) instead of 1 and 2
+     --dtype    only that storage type
+     --kind     only decode or only prefill cases
+     --path     sets llmkv_attn_desc.path (default AUTO, i.e. the best the
+                machine supports, or env LLMKV_CPU_PATH)
+
+   Exit status 1, with a message on stderr, if any llmkv call fails, an
+   output is not finite or disagrees with the reference; 2 on a bad
+   command line. */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200112L /* clock_gettime, posix_memalign, pthreads under -std=c99 */
+#endif
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define BENCH_SSE2 1
+#endif
+
+#define LLMKV_IMPLEMENTATION
+#include "../llmkv.h"
+
+#define HEAD_DIM 128u
+#define PAGE_SIZE 16u
+#define N_Q_HEADS 32u
+#define MAX_BATCH 16u
+#define MAX_THREADS 256u
+#define KV_CAP_BYTES ((uint64_t)6 << 30)     /* skip cases whose K/V pass this */
+#define BW_BYTES ((size_t)1 << 30)           /* bandwidth buffer */
+#define BW_BYTES_QUICK ((size_t)256 << 20)
+#define BW_RUNS 7
+#define IN_CACHE_BYTES ((size_t)1 << 20)     /* to show what the read loop can do */
+#define EVICT_BYTES ((size_t)64 << 20)       /* read before each call of a small case */
+#define EVICT_BELOW ((uint64_t)256 << 20)    /* cases with less K/V than this run cold */
+#define MIN_REPS 5
+#define MAX_REPS 51
+#define QUICK_REPS 3
+#define CASE_SECONDS 0.25                    /* aimed-at time of one case's repetitions */
+#define FILL_CHUNK 512u                      /* tokens per llmkv_put while filling */
+#define FILL_SPARE 67u                       /* extra random rows, to vary the chunks */
+#define MAX_REL_ERR 1e-2
+
+/* ------------------------------------------------------------------------ */
+/* Helpers                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static void fail_call(llmkv_result r, const char* call, int line) {
+    fprintf(stderr, "bench_attn_cpu:%d: %s failed: %s\n", line, call, llmkv_result_string(r));
+    exit(1);
+}
+
+/* Every llmkv call goes through CHECK, timed ones included. */
+#define CHECK(call)                                                     \
+    do {                                                                \
+        llmkv_result check_r_ = (call);                                 \
+        if (check_r_ != LLMKV_OK) fail_call(check_r_, #call, __LINE__); \
+    } while (0)
+
+static void die(const char* what) {
+    fprintf(stderr, "bench_attn_cpu: %s\n", what);
+    exit(1);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static double seconds_since(uint64_t t0) { return (double)(now_ns() - t0) * 1e-9; }
+
+/* splitmix64: deterministic data. */
+static uint64_t rng_next(uint64_t* s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float rng_float(uint64_t* s) { /* uniform in [-1, 1) */
+    return (float)((double)(rng_next(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+/* 64-byte aligned, every page written before anything is timed. */
+static void* xalloc(size_t size) {
+    void* p = NULL;
+    if (posix_memalign(&p, 64, size ? size : 64) != 0 || !p) {
+        fprintf(stderr, "bench_attn_cpu: out of memory (%lu bytes)\n", (unsigned long)size);
+        exit(1);
+    }
+    memset(p, 0x3c, size);
+    return p;
+}
+
+/* Linux's 1, 5 and 15-minute load averages, or "?": the machine may be
+   shared, and other work there distorts every figure. */
+static const char* load_average(char* buf, size_t size) {
+    FILE* f = fopen("/proc/loadavg", "r");
+    float a = 0, b = 0, c = 0;
+    int n = f ? fscanf(f, "%f %f %f", &a, &b, &c) : 0;
+    if (f) fclose(f);
+    if (n == 3) snprintf(buf, size, "%.2f %.2f %.2f", (double)a, (double)b, (double)c);
+    else snprintf(buf, size, "?");
+    return buf;
+}
+
+static double gib(uint64_t bytes) { return (double)bytes / (1024.0 * 1024.0 * 1024.0); }
+
+static int cmp_double(const void* a, const void* b) {
+    double x = *(const double*)a, y = *(const double*)b;
+    return (x > y) - (x < y);
+}
+
+static double median_of(double* v, int n) { /* sorts v */
+    qsort(v, (size_t)n, sizeof v[0], cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Streaming read: the bandwidth measurement and the cache eviction          */
+/* ------------------------------------------------------------------------ */
+
+static volatile uint64_t g_sink; /* keeps every read alive */
+
+/* Sums n bytes (a multiple of 128; p 64-byte aligned) as 64-bit integers,
+   eight independent accumulators: no floating-point dependency chain, so
+   the loop runs far faster than memory (see IN_CACHE_BYTES). */
+static uint64_t read_sum(const unsigned char* p, size_t n) {
+#ifdef BENCH_SSE2
+    const __m128i* q = (const __m128i*)(const void*)p;
+    size_t i, m = n / 16;
+    __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    uint64_t lanes[2];
+    for (i = 0; i + 8 <= m; i += 8) {
+        a0 = _mm_add_epi64(a0, _mm_load_si128(q + i));
+        a1 = _mm_add_epi64(a1, _mm_load_si128(q + i + 1));
+        a2 = _mm_add_epi64(a2, _mm_load_si128(q + i + 2));
+        a3 = _mm_add_epi64(a3, _mm_load_si128(q + i + 3));
+        a4 = _mm_add_epi64(a4, _mm_load_si128(q + i + 4));
+        a5 = _mm_add_epi64(a5, _mm_load_si128(q + i + 5));
+        a6 = _mm_add_epi64(a6, _mm_load_si128(q + i + 6));
+        a7 = _mm_add_epi64(a7, _mm_load_si128(q + i + 7));
+    }
+    a0 = _mm_add_epi64(_mm_add_epi64(_mm_add_epi64(a0, a1), _mm_add_epi64(a2, a3)),
+                       _mm_add_epi64(_mm_add_epi64(a4, a5), _mm_add_epi64(a6, a7)));
+    _mm_storeu_si128((__m128i*)(void*)lanes, a0);
+    return lanes[0] + lanes[1];
+#else
+    const uint64_t* q = (const uint64_t*)(const void*)p;
+    size_t i, m = n / 8;
+    uint64_t a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (i = 0; i + 8 <= m; i += 8) {
+        a[0] += q[i];
+        a[1] += q[i + 1];
+        a[2] += q[i + 2];
+        a[3] += q[i + 3];
+        a[4] += q[i + 4];
+        a[5] += q[i + 5];
+        a[6] += q[i + 6];
+        a[7] += q[i + 7];
+    }
+    return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+#endif
+}
+
+typedef struct read_part {
+    const unsigned char* p;
+    size_t n;
+    uint64_t sum;
+} read_part;
+
+static void* read_thread(void* arg) {
+    read_part* part = (read_part*)arg;
+    part->sum = read_sum(part->p, part->n);
+    return NULL;
+}
+
+/* Reads `bytes` of buf split among n_threads (the calling thread is one of
+   them); returns the wall-clock seconds, thread start and join included
+   (tens of microseconds against tens of milliseconds). */
+static double read_parallel(const unsigned char* buf, size_t bytes, uint32_t n_threads) {
+    pthread_t tid[MAX_THREADS];
+    read_part parts[MAX_THREADS];
+    size_t per = bytes / n_threads / 128 * 128;
+    uint64_t t0 = now_ns(), sum = 0;
+    uint32_t t;
+    for (t = 0; t < n_threads; ++t) {
+        parts[t].p = buf + per * t;
+        parts[t].n = t + 1 == n_threads ? bytes - per * t : per;
+        parts[t].sum = 0;
+    }
+    for (t = 1; t < n_threads; ++t)
+        if (pthread_create(&tid[t], NULL, read_thread, &parts[t]) != 0) die("pthread_create failed");
+    read_thread(&parts[0]);
+    for (t = 1; t < n_threads; ++t)
+        if (pthread_join(tid[t], NULL) != 0) die("pthread_join failed");
+    t0 = now_ns() - t0;
+    for (t = 0; t < n_threads; ++t) sum += parts[t].sum;
+    g_sink += sum;
+    return (double)t0 * 1e-9;
+}
+
+/* Median GB/s (1e9 bytes/s) of `runs` reads after one warm-up read. */
+static double read_bandwidth(const unsigned char* buf, size_t bytes, uint32_t n_threads, int runs) {
+    double gbps[BW_RUNS];
+    int r;
+    read_parallel(buf, bytes, n_threads);
+    for (r = 0; r < runs; ++r) gbps[r] = (double)bytes / read_parallel(buf, bytes, n_threads) / 1e9;
+    return median_of(gbps, runs);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Options and run state                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct bench {
+    int json, quick;
+    int only_kind;              /* 0: both, 1: decode, 2: prefill */
+    llmkv_dtype only_dtype;     /* DEFAULT: all three */
+    uint32_t only_threads;      /* 0: 1 and 2 */
+    llmkv_cpu_path path;        /* desc.path */
+    const char* path_name;      /* the path that runs */
+
+    uint32_t threads[2];        /* thread counts to run */
+    int n_threads;
+    llmkv_threadpool* pools[2]; /* NULL for 1 thread */
+    uint32_t bw_threads[3];     /* thread counts whose bandwidth was measured */
+    double bw_gbps[3];
+    int n_bw;
+
+    unsigned char* evict_buf;
+    uint32_t evict_threads;
+
+    /* Every cache is made inside this one buffer (llmkv_cache_create_in),
+       grown when a case needs more: the memory is faulted in once, not for
+       each of the tens of GiB the run fills (page faults are slow here). */
+    unsigned char* arena;
+    size_t arena_size;
+
+    int n_run, n_skipped;
+    uint64_t fill_bytes;
+    double fill_seconds;
+} bench;
+
+static double bandwidth_for(const bench* b, uint32_t threads) {
+    int i;
+    for (i = 0; i < b->n_bw; ++i)
+        if (b->bw_threads[i] == threads) return b->bw_gbps[i];
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* A filled cache                                                           */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvset {
+    llmkv_cache* kv;
+    llmkv_batch* batch;
+    llmkv_seq seqs[MAX_BATCH];
+    uint32_t n_seqs, seq_len, n_kv_heads;
+    llmkv_dtype dtype;
+    const unsigned char* pool;
+    llmkv_layout lay;
+} kvset;
+
+static void fill_random(void* dst, llmkv_dtype dtype, size_t n, uint64_t* seed) {
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        float x = rng_float(seed);
+        if (dtype == LLMKV_DTYPE_F32) ((float*)dst)[i] = x;
+        else if (dtype == LLMKV_DTYPE_F16) ((uint16_t*)dst)[i] = llmkv_f32_to_f16(x);
+        else ((uint16_t*)dst)[i] = llmkv_f32_to_bf16(x);
+    }
+}
+
+/* n_seqs sequences of seq_len tokens, one layer, every K and V random. The
+   source rows are already in the storage type, so llmkv_put copies. */
+static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dtype, uint32_t n_seqs,
+                         uint32_t seq_len, uint32_t max_tokens) {
+    const size_t row = (size_t)n_kv_heads * HEAD_DIM;
+    const size_t elem = llmkv_dtype_size(dtype);
+    const size_t src_elems = (size_t)(FILL_CHUNK + FILL_SPARE) * row;
+    unsigned char* k_src = (unsigned char*)xalloc(src_elems * elem);
+    unsigned char* v_src = (unsigned char*)xalloc(src_elems * elem);
+    uint64_t seed = 0x5eed0000u + n_kv_heads * 131u + (uint64_t)dtype, t0, pool_bytes;
+    uint32_t i, done, chunk_no = 0;
+    size_t size;
+    void* pool;
+    llmkv_desc d;
+
+    memset(s, 0, sizeof *s);
+    fill_random(k_src, dtype, src_elems, &seed);
+    fill_random(v_src, dtype, src_elems, &seed);
+    memset(&d, 0, sizeof d);
+    d.n_layers = 1;
+    d.n_kv_heads = n_kv_heads;
+    d.head_dim = HEAD_DIM;
+    d.page_size = PAGE_SIZE;
+    d.k_dtype = dtype;
+    d.v_dtype = dtype;
+    d.n_pages = n_seqs * ((seq_len + PAGE_SIZE - 1) / PAGE_SIZE);
+    d.max_seqs = n_seqs;
+    d.max_seq_len = seq_len;
+    t0 = now_ns();
+    CHECK(llmkv_cache_memory_size(&d, &size, NULL));
+    if (size > b->arena_size) {
+        free(b->arena);
+        b->arena = (unsigned char*)xalloc(size);
+        b->arena_size = size;
+    }
+    CHECK(llmkv_cache_create_in(&d, b->arena, size, &s->kv));
+    for (i = 0; i < n_seqs; ++i) {
+        CHECK(llmkv_seq_create(s->kv, &s->seqs[i]));
+        for (done = 0; done < seq_len; done += FILL_CHUNK, ++chunk_no) {
+            uint32_t n = seq_len - done < FILL_CHUNK ? seq_len - done : FILL_CHUNK;
+            size_t off = (size_t)(chunk_no * 13u % FILL_SPARE) * row * elem;
+            CHECK(llmkv_reserve(s->kv, s->seqs[i], n));
+            CHECK(llmkv_put(s->kv, s->seqs[i], 0, n, k_src + off, 0, v_src + off, 0, dtype));
+        }
+    }
+    b->fill_seconds += seconds_since(t0);
+    CHECK(llmkv_cache_pool(s->kv, &pool, &pool_bytes));
+    CHECK(llmkv_cache_layout(s->kv, &s->lay));
+    b->fill_bytes += pool_bytes;
+    CHECK(llmkv_batch_create(s->kv, n_seqs, max_tokens, &s->batch));
+    s->pool = (const unsigned char*)pool;
+    s->n_seqs = n_seqs;
+    s->seq_len = seq_len;
+    s->n_kv_heads = n_kv_heads;
+    s->dtype = dtype;
+    free(k_src);
+    free(v_src);
+}
+
+static void kvset_destroy(kvset* s) {
+    uint32_t i;
+    llmkv_batch_destroy(s->batch);
+    for (i = 0; i < s->n_seqs; ++i) CHECK(llmkv_seq_free(s->kv, s->seqs[i]));
+    llmkv_cache_destroy(s->kv);
+    memset(s, 0, sizeof *s);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cases                                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct acase {
+    int prefill;
+    llmkv_dtype dtype;
+    uint32_t n_kv_heads;
+    uint32_t batch;     /* sequences */
+    uint32_t ctx;       /* decode: sequence length; prefill: positions before the chunk */
+    uint32_t q_tokens;  /* query rows: decode batch, prefill chunk */
+    uint32_t threads;
+} acase;
+
+static uint64_t case_kv_bytes(const acase* c) {
+    uint64_t tokens = c->prefill ? (uint64_t)c->ctx + c->q_tokens : (uint64_t)c->batch * c->ctx;
+    return tokens * c->n_kv_heads * HEAD_DIM * llmkv_dtype_size(c->dtype) * 2;
+}
+
+static double case_pairs(const acase* c) { /* (query, key) pairs under the causal mask */
+    if (c->prefill)
+        return (double)c->q_tokens * (double)c->ctx +
+               (double)c->q_tokens * ((double)c->q_tokens + 1.0) / 2.0;
+    return (double)c->batch * (double)c->ctx;
+}
+
+static void print_table_header(void) {
+    printf("%-7s %-5s %-5s %5s %6s %5s %3s %11s %11s %4s %11s %8s %6s %8s\n", "kind", "dtype",
+           "heads", "batch", "ctx", "q_tok", "thr", "median ms", "min ms", "reps", "tokens/s",
+           "KV GB/s", "%bw", "GFLOP/s");
+}
+
+static void print_shape(const acase* c) {
+    char heads[16];
+    snprintf(heads, sizeof heads, "%u/%u", N_Q_HEADS, c->n_kv_heads);
+    printf("%-7s %-5s %-5s %5u %6u %5u %3u", c->prefill ? "prefill" : "decode",
+           llmkv_dtype_name(c->dtype), heads, c->batch, c->ctx, c->q_tokens, c->threads);
+}
+
+static void json_shape(const bench* b, const acase* c) {
+    printf("{\"bench\":\"attn_cpu\",\"kind\":\"%s\",\"dtype\":\"%s\",\"batch\":%u,\"ctx\":%u,"
+           "\"q_tokens\":%u,\"n_q_heads\":%u,\"n_kv_heads\":%u,\"head_dim\":%u,\"page_size\":%u,"
+           "\"threads\":%u,\"path\":\"%s\",\"kv_bytes\":%llu",
+           c->prefill ? "prefill" : "decode", llmkv_dtype_name(c->dtype), c->batch, c->ctx,
+           c->q_tokens, N_Q_HEADS, c->n_kv_heads, HEAD_DIM, PAGE_SIZE, c->threads, b->path_name,
+           (unsigned long long)case_kv_bytes(c));
+}
+
+static void emit_skip(bench* b, const acase* c) {
+    b->n_skipped++;
+    if (b->json) {
+        json_shape(b, c);
+        printf(",\"skipped\":\"too large\",\"cap_bytes\":%llu}\n", (unsigned long long)KV_CAP_BYTES);
+    } else {
+        print_shape(c);
+        printf("   skipped: too large (%.1f GiB of K/V > %.0f GiB cap)\n", gib(case_kv_bytes(c)),
+               gib(KV_CAP_BYTES));
+    }
+    fflush(stdout);
+}
+
+static void emit_result(bench* b, const acase* c, double median, double min, int reps, int cold) {
+    double kv_gbps = (double)case_kv_bytes(c) / median / 1e9;
+    double bw = bandwidth_for(b, c->threads);
+    double pct = bw > 0 ? 100.0 * kv_gbps / bw : 0;
+    double gflops = 4.0 * N_Q_HEADS * HEAD_DIM * case_pairs(c) / median / 1e9;
+    double tok_s = (double)c->q_tokens / median;
+    b->n_run++;
+    if (b->json) {
+        json_shape(b, c);
+        printf(",\"seconds\":%.9f,\"seconds_min\":%.9f,\"reps\":%d,\"tokens_per_s\":%.1f,"
+               "\"kv_gbps\":%.3f,\"bw_gbps\":%.3f,\"pct_bw\":%.2f,\"gflops\":%.3f,\"cold\":%s}\n",
+               median, min, reps, tok_s, kv_gbps, bw, pct, gflops, cold ? "true" : "false");
+    } else {
+        print_shape(c);
+        printf(" %11.3f %11.3f %4d %11.1f %8.2f %5.1f%% %8.2f\n", median * 1e3, min * 1e3, reps,
+               tok_s, kv_gbps, pct, gflops);
+    }
+    fflush(stdout);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Checking the output                                                      */
+/* ------------------------------------------------------------------------ */
+
+static float stored_elem(const unsigned char* vec, llmkv_dtype dtype, uint32_t d) {
+    if (dtype == LLMKV_DTYPE_F32) {
+        float f;
+        memcpy(&f, vec + (size_t)d * 4, 4);
+        return f;
+    } else {
+        uint16_t h;
+        memcpy(&h, vec + (size_t)d * 2, 2);
+        return dtype == LLMKV_DTYPE_F16 ? llmkv_f16_to_f32(h) : llmkv_bf16_to_f32(h);
+    }
+}
+
+static const unsigned char* vec_at(const kvset* s, const llmkv_part_layout* part, int32_t page,
+                                   uint32_t slot, uint32_t kv_head) {
+    return s->pool + (uint64_t)page * s->lay.page_bytes + part->offset + kv_head * part->head_stride +
+           slot * part->slot_stride;
+}
+
+/* Relative L2 error of output row `row`, head `h` (of sequence `seq` in the
+   batch) against a double-precision softmax over the keys it may see. */
+static double check_row(const kvset* s, const llmkv_batch_info* info, const float* q,
+                        const float* out, uint32_t seq, uint32_t row, uint32_t h) {
+    const uint32_t group = N_Q_HEADS / s->n_kv_heads, kvh = h / group;
+    const float* qv = q + ((size_t)row * N_Q_HEADS + h) * HEAD_DIM;
+    const float* ov = out + ((size_t)row * N_Q_HEADS + h) * HEAD_DIM;
+    const int32_t* pages = info->kv_indices + info->kv_indptr[seq];
+    const uint32_t n_keys = (uint32_t)info->positions[row] + 1; /* causal */
+    const double scale = 1.0 / sqrt((double)HEAD_DIM);
+    double acc[HEAD_DIM], m = -HUGE_VAL, sum = 0, err = 0, norm = 0;
+    uint32_t j, d;
+    for (d = 0; d < HEAD_DIM; ++d) acc[d] = 0;
+    for (j = 0; j < n_keys; ++j) { /* the maximum logit first */
+        const unsigned char* kv = vec_at(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
+        double l = 0;
+        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)stored_elem(kv, s->dtype, d);
+        if (l * scale > m) m = l * scale;
+    }
+    for (j = 0; j < n_keys; ++j) {
+        const unsigned char* kv = vec_at(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
+        const unsigned char* vv = vec_at(s, &s->lay.v, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
+        double l = 0, p;
+        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)stored_elem(kv, s->dtype, d);
+        p = exp(l * scale - m);
+        sum += p;
+        for (d = 0; d < HEAD_DIM; ++d) acc[d] += p * (double)stored_elem(vv, s->dtype, d);
+    }
+    for (d = 0; d < HEAD_DIM; ++d) {
+        double ref = acc[d] / sum, e = (double)ov[d] - ref;
+        err += e * e;
+        norm += ref * ref;
+    }
+    return sqrt(err) / (sqrt(norm) > 1e-30 ? sqrt(norm) : 1e-30);
+}
+
+static void check_output(const kvset* s, const acase* c, const float* q, const float* out) {
+    llmkv_batch_info info;
+    size_t i, n = (size_t)c->q_tokens * N_Q_HEADS * HEAD_DIM;
+    uint32_t rows[2], seqs[2], heads[2] = {0, N_Q_HEADS - 1}, a, h;
+    for (i = 0; i < n; ++i) {
+        if (!isfinite(out[i])) {
+            fprintf(stderr, "bench_attn_cpu: %s %s batch %u ctx %u threads %u: output %lu is not "
+                    "finite (%g)\n", c->prefill ? "prefill" : "decode", llmkv_dtype_name(c->dtype),
+                    c->batch, c->ctx, c->threads, (unsigned long)i, (double)out[i]);
+            exit(1);
+        }
+    }
+    CHECK(llmkv_batch_get(s->batch, &info));
+    if (info.n_seqs != c->batch || info.n_tokens != c->q_tokens) die("batch does not match the case");
+    if (c->prefill) { /* the first and the last query of the chunk */
+        seqs[0] = seqs[1] = 0;
+        rows[0] = 0;
+        rows[1] = c->q_tokens - 1;
+    } else { /* the query of the first and of the last sequence */
+        seqs[0] = 0;
+        seqs[1] = c->batch - 1;
+        rows[0] = (uint32_t)info.qo_indptr[0];
+        rows[1] = (uint32_t)info.qo_indptr[c->batch - 1];
+    }
+    for (a = 0; a < 2; ++a)
+        for (h = 0; h < 2; ++h) {
+            double e = check_row(s, &info, q, out, seqs[a], rows[a], heads[h]);
+            if (!(e <= MAX_REL_ERR)) {
+                fprintf(stderr, "bench_attn_cpu: %s %s %u/%u batch %u ctx %u threads %u: row %u "
+                        "head %u differs from the reference (relative L2 error %.3g > %.0e)\n",
+                        c->prefill ? "prefill" : "decode", llmkv_dtype_name(c->dtype), N_Q_HEADS,
+                        c->n_kv_heads, c->batch, c->ctx, c->threads, rows[a], heads[h], e,
+                        MAX_REL_ERR);
+                exit(1);
+            }
+        }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Timing one case                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* Times one llmkv_attend call; a cold case reads the eviction buffer first. */
+static double attend_once(const bench* b, const kvset* s, const llmkv_attn_desc* desc,
+                          llmkv_threadpool* pool, int cold) {
+    uint64_t t0;
+    if (cold) read_parallel(b->evict_buf, EVICT_BYTES, b->evict_threads);
+    t0 = now_ns();
+    CHECK(llmkv_attend(s->kv, s->batch, desc, pool));
+    return seconds_since(t0);
+}
+
+/* Runs every thread count for the batch that s->batch describes now. */
+static void run_threads(bench* b, const kvset* s, acase c, const float* q, float* out) {
+    llmkv_attn_desc desc;
+    int ti;
+    memset(&desc, 0, sizeof desc);
+    desc.layer = 0;
+    desc.n_q_heads = N_Q_HEADS;
+    desc.q = q;
+    desc.out = out;
+    desc.path = b->path;
+    for (ti = 0; ti < b->n_threads; ++ti) {
+        double t[MAX_REPS], warm, evict_s = 0, median, min;
+        int cold = case_kv_bytes(&c) < EVICT_BELOW, reps, r;
+        c.threads = b->threads[ti];
+        memset(out, 0xff, (size_t)c.q_tokens * N_Q_HEADS * HEAD_DIM * sizeof(float)); /* NaN */
+        if (cold) {
+            uint64_t t0 = now_ns();
+            read_parallel(b->evict_buf, EVICT_BYTES, b->evict_threads);
+            evict_s = seconds_since(t0);
+        }
+        warm = attend_once(b, s, &desc, b->pools[ti], cold);
+        check_output(s, &c, q, out);
+        if (b->quick) {
+            reps = QUICK_REPS;
+        } else {
+            double want = CASE_SECONDS / (warm + evict_s);
+            reps = want >= MAX_REPS ? MAX_REPS : want <= MIN_REPS ? MIN_REPS : (int)want;
+        }
+        for (r = 0; r < reps; ++r) t[r] = attend_once(b, s, &desc, b->pools[ti], cold);
+        median = median_of(t, reps);
+        min = t[0];
+        emit_result(b, &c, median, min, reps, cold);
+    }
+}
+
+static void* xalloc_floats(size_t n, uint64_t* seed) {
+    float* p = (float*)xalloc(n * sizeof(float));
+    size_t i;
+    if (seed)
+        for (i = 0; i < n; ++i) p[i] = rng_float(seed);
+    return p;
+}
+
+static void section(const bench* b, const char* kind, uint32_t n_kv_heads, llmkv_dtype dtype) {
+    if (!b->json)
+        printf("\n-- %s, %u query heads over %u KV heads, %s K/V\n", kind, N_Q_HEADS, n_kv_heads,
+               llmkv_dtype_name(dtype));
+}
+
+static void bench_decode(bench* b, uint32_t n_kv_heads, llmkv_dtype dtype) {
+    static const uint32_t ctxs[] = {512, 4096, 16384, 32768};
+    static const uint32_t batches[] = {1, 4, 16};
+    const int n_ctx = b->quick ? 1 : 4, n_batch = b->quick ? 2 : 3;
+    int ci, bi, ti;
+    section(b, "decode", n_kv_heads, dtype);
+    for (ci = 0; ci < n_ctx; ++ci) {
+        kvset s;
+        uint32_t fit = 0; /* the largest batch within the cap */
+        acase c;
+        memset(&c, 0, sizeof c);
+        c.dtype = dtype;
+        c.n_kv_heads = n_kv_heads;
+        c.ctx = ctxs[ci];
+        for (bi = 0; bi < n_batch; ++bi) {
+            c.batch = batches[bi];
+            if (case_kv_bytes(&c) <= KV_CAP_BYTES) fit = batches[bi];
+        }
+        if (fit) kvset_create(b, &s, n_kv_heads, dtype, fit, c.ctx, fit);
+        for (bi = 0; bi < n_batch; ++bi) {
+            uint32_t q_lens[MAX_BATCH], i;
+            uint64_t seed = 0x9000u + c.ctx + batches[bi];
+            float *q, *out;
+            c.batch = c.q_tokens = batches[bi];
+            if (c.batch > fit) {
+                for (ti = 0; ti < b->n_threads; ++ti) {
+                    c.threads = b->threads[ti];
+                    emit_skip(b, &c);
+                }
+                continue;
+            }
+            for (i = 0; i < c.batch; ++i) q_lens[i] = 1; /* the newest token is the query */
+            CHECK(llmkv_batch_build(s.batch, s.seqs, q_lens, c.batch));
+            q = (float*)xalloc_floats((size_t)c.q_tokens * N_Q_HEADS * HEAD_DIM, &seed);
+            out = (float*)xalloc_floats((size_t)c.q_tokens * N_Q_HEADS * HEAD_DIM, NULL);
+            run_threads(b, &s, c, q, out);
+            free(q);
+            free(out);
+        }
+        if (fit) kvset_destroy(&s);
+    }
+}
+
+static void bench_prefill(bench* b, llmkv_dtype dtype) {
+    static const uint32_t chunks[] = {128, 512};
+    static const uint32_t ctxs[] = {0, 4096};
+    const uint32_t n_kv_heads = 8;
+    const int n_chunk = b->quick ? 1 : 2, n_ctx = b->quick ? 1 : 2;
+    int ki, ci;
+    section(b, "prefill", n_kv_heads, dtype);
+    for (ki = 0; ki < n_chunk; ++ki)
+        for (ci = 0; ci < n_ctx; ++ci) {
+            kvset s;
+            acase c;
+            uint64_t seed = 0xA000u + chunks[ki] + ctxs[ci];
+            float *q, *out;
+            memset(&c, 0, sizeof c);
+            c.prefill = 1;
+            c.dtype = dtype;
+            c.n_kv_heads = n_kv_heads;
+            c.batch = 1;
+            c.ctx = ctxs[ci];
+            c.q_tokens = chunks[ki];
+            if (case_kv_bytes(&c) > KV_CAP_BYTES) { /* never with these shapes */
+                int ti;
+                for (ti = 0; ti < b->n_threads; ++ti) {
+                    c.threads = b->threads[ti];
+                    emit_skip(b, &c);
+                }
+                continue;
+            }
+            kvset_create(b, &s, n_kv_heads, dtype, 1, c.ctx + c.q_tokens, c.q_tokens);
+            CHECK(llmkv_batch_build(s.batch, s.seqs, &c.q_tokens, 1));
+            q = (float*)xalloc_floats((size_t)c.q_tokens * N_Q_HEADS * HEAD_DIM, &seed);
+            out = (float*)xalloc_floats((size_t)c.q_tokens * N_Q_HEADS * HEAD_DIM, NULL);
+            run_threads(b, &s, c, q, out);
+            free(q);
+            free(out);
+            kvset_destroy(&s);
+        }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Bandwidth                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Measures the read bandwidth for 1 and 2 threads (and an other --threads
+   count). At the start of the run (at_end 0) the figures become the
+   reference of every %bw; at the end (at_end 1, in the cache arena, already
+   faulted in) they are measured again only to show whether the machine was
+   equally quiet throughout: other work on it lowers both figures. */
+static void measure_bandwidth(bench* b, int at_end) {
+    const size_t bytes = b->quick ? BW_BYTES_QUICK : BW_BYTES;
+    const int runs = b->quick ? 3 : BW_RUNS;
+    int reuse = at_end && b->arena_size >= bytes, i, changed = 0;
+    unsigned char* buf = reuse ? b->arena : (unsigned char*)xalloc(bytes);
+    double gbps[3], in_cache;
+    if (!at_end) {
+        b->bw_threads[b->n_bw++] = 1;
+        b->bw_threads[b->n_bw++] = 2;
+        if (b->only_threads > 2) b->bw_threads[b->n_bw++] = b->only_threads;
+    }
+    for (i = 0; i < b->n_bw; ++i) {
+        gbps[i] = read_bandwidth(buf, bytes, b->bw_threads[i], runs);
+        if (at_end && fabs(gbps[i] / b->bw_gbps[i] - 1.0) > 0.15) changed = 1;
+        if (!at_end) b->bw_gbps[i] = gbps[i];
+    }
+    in_cache = read_bandwidth(buf, IN_CACHE_BYTES, 1, runs);
+    if (!reuse) free(buf);
+    for (i = 0; i < b->n_bw; ++i) {
+        if (b->json)
+            printf("{\"bench\":\"attn_cpu\",\"kind\":\"bandwidth\",\"when\":\"%s\",\"threads\":%u,"
+                   "\"bw_gbps\":%.3f,\"buffer_bytes\":%lu,\"runs\":%d,\"loop_in_cache_gbps\":%.3f}\n",
+                   at_end ? "end" : "start", b->bw_threads[i], gbps[i], (unsigned long)bytes, runs,
+                   in_cache);
+    }
+    if (!b->json) {
+        printf("%s (streaming read of a %lu MiB buffer, median of %d):",
+               at_end ? "read bandwidth again at the end" : "memory read bandwidth", (unsigned long)(bytes >> 20),
+               runs);
+        for (i = 0; i < b->n_bw; ++i)
+            printf("%s %u thread%s %.2f GB/s", i ? "," : "", b->bw_threads[i],
+                   b->bw_threads[i] == 1 ? "" : "s", gbps[i]);
+        printf("\n  (the read loop itself: %.1f GB/s on a %lu MiB cache-resident buffer, 1 thread)\n",
+               in_cache, (unsigned long)(IN_CACHE_BYTES >> 20));
+        if (changed)
+            printf("  more than 15%% away from the start: the machine was busy, so %%bw (and every "
+                   "time) is uncertain\n");
+    }
+    fflush(stdout);
+}
+
+/* ------------------------------------------------------------------------ */
+
+static void usage(const char* argv0) {
+    fprintf(stderr,
+            "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]\n"
+            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon]\n",
+            argv0);
+    exit(2);
+}
+
+int main(int argc, char** argv) {
+    bench b;
+    int i;
+    char load[64];
+    uint64_t t_start = now_ns();
+    static const llmkv_dtype dtypes[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16};
+    memset(&b, 0, sizeof b);
+    b.path = LLMKV_CPU_PATH_AUTO;
+    for (i = 1; i < argc; ++i) {
+        const char* a = argv[i];
+        const char* v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--json") == 0) {
+            b.json = 1;
+        } else if (strcmp(a, "--quick") == 0) {
+            b.quick = 1;
+        } else if (strcmp(a, "--threads") == 0 && v) {
+            char* end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > (long)MAX_THREADS) usage(argv[0]);
+            b.only_threads = (uint32_t)n;
+            ++i;
+        } else if (strcmp(a, "--dtype") == 0 && v) {
+            if (strcmp(v, "f32") == 0) b.only_dtype = LLMKV_DTYPE_F32;
+            else if (strcmp(v, "f16") == 0) b.only_dtype = LLMKV_DTYPE_F16;
+            else if (strcmp(v, "bf16") == 0) b.only_dtype = LLMKV_DTYPE_BF16;
+            else usage(argv[0]);
+            ++i;
+        } else if (strcmp(a, "--kind") == 0 && v) {
+            if (strcmp(v, "decode") == 0) b.only_kind = 1;
+            else if (strcmp(v, "prefill") == 0) b.only_kind = 2;
+            else usage(argv[0]);
+            ++i;
+        } else if (strcmp(a, "--path") == 0 && v) {
+            if (strcmp(v, "scalar") == 0) b.path = LLMKV_CPU_PATH_SCALAR;
+            else if (strcmp(v, "avx2") == 0) b.path = LLMKV_CPU_PATH_AVX2;
+            else if (strcmp(v, "avx512") == 0) b.path = LLMKV_CPU_PATH_AVX512;
+            else if (strcmp(v, "neon") == 0) b.path = LLMKV_CPU_PATH_NEON;
+            else if (strcmp(v, "auto") == 0) b.path = LLMKV_CPU_PATH_AUTO;
+            else usage(argv[0]);
+            ++i;
+        } else {
+            usage(argv[0]);
+        }
+    }
+    if (!llmkv_cpu_path_supported(b.path)) {
+        fprintf(stderr, "bench_attn_cpu: path %s is not supported on this machine or build\n",
+                llmkv_cpu_path_name(b.path));
+        return 1;
+    }
+    b.path_name = llmkv_cpu_path_name(b.path == LLMKV_CPU_PATH_AUTO ? llmkv_cpu_path_auto() : b.path);
+    if (b.only_threads) {
+        b.threads[b.n_threads++] = b.only_threads;
+    } else {
+        b.threads[b.n_threads++] = 1;
+        b.threads[b.n_threads++] = 2;
+    }
+    for (i = 0; i < b.n_threads; ++i)
+        if (b.threads[i] > 1) CHECK(llmkv_threadpool_create(b.threads[i], NULL, &b.pools[i]));
+    b.evict_threads = b.threads[b.n_threads - 1] > 2 ? b.threads[b.n_threads - 1] : 2;
+
+    if (!b.json) {
+        printf("llmkv %s CPU attention benchmark: path %s%s, head_dim %u, page %u, %u query heads, "
+               "one layer\n",
+               llmkv_version(), b.path_name, b.path == LLMKV_CPU_PATH_AUTO ? " (auto)" : "",
+               HEAD_DIM, PAGE_SIZE, N_Q_HEADS);
+        printf("load average at start: %s (other work on the machine distorts every figure)\n",
+               load_average(load, sizeof load));
+    }
+    measure_bandwidth(&b, 0);
+    b.evict_buf = (unsigned char*)xalloc(EVICT_BYTES);
+    if (!b.json) {
+        printf("time: median (and minimum) of one llmkv_attend call over reps repetitions after "
+               "an untimed warm-up\n");
+        printf("KV GB/s: K/V bytes read / time. decode: sum over sequences of len * n_kv_heads * "
+               "head_dim * elem * 2;\n");
+        printf("  prefill: K/V of all ctx + chunk positions counted once\n");
+        printf("%%bw: KV GB/s / read bandwidth at the same thread count. GFLOP/s: 4 * n_q_heads * "
+               "head_dim * (query, key)\n");
+        printf("  pairs under the causal mask / time. tokens/s: decode batch / time, prefill "
+               "chunk / time\n");
+        printf("cases under %llu MiB of K/V run cold: a %llu MiB read evicts the caches before "
+               "each call (untimed)\n",
+               (unsigned long long)(EVICT_BELOW >> 20), (unsigned long long)(EVICT_BYTES >> 20));
+        printf("cases over %.0f GiB of K/V are skipped; every output is checked against a "
+               "reference once per case\n",
+               gib(KV_CAP_BYTES));
+        if (b.quick) printf("--quick: a smoke run, %d repetitions; do not report these figures\n",
+                            QUICK_REPS);
+        printf("\n");
+        print_table_header();
+    }
+
+    if (b.only_kind != 2) {
+        static const uint32_t kv_heads[] = {8, 32};
+        int h, d;
+        for (h = 0; h < 2; ++h)
+            for (d = 0; d < 3; ++d)
+                if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_decode(&b, kv_heads[h], dtypes[d]);
+    }
+    if (b.only_kind != 1) {
+        int d;
+        for (d = 0; d < 3; ++d)
+            if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_prefill(&b, dtypes[d]);
+    }
+
+    if (!b.json) printf("\n");
+    measure_bandwidth(&b, 1);
+    for (i = 0; i < b.n_threads; ++i) llmkv_threadpool_destroy(b.pools[i]);
+    free(b.evict_buf);
+    free(b.arena);
+    if (!b.json)
+        printf("%d cases run, %d skipped (too large); caches made and filled through llmkv_put: "
+               "%.1f GiB in %.1f s (untimed); %.1f s in all; load average now %s\n",
+               b.n_run, b.n_skipped, gib(b.fill_bytes), b.fill_seconds, seconds_since(t_start),
+               load_average(load, sizeof load));
+    return 0;
+}
