@@ -3237,6 +3237,7 @@ static void* llmkv__worker(void* p) {
 /* Runs fn(arg, ith) for every ith in 0..n-1, the caller taking 0, and
    returns when all are done. */
 static void llmkv__pool_run(llmkv_threadpool* pool, llmkv__task_fn fn, void* arg) {
+    (void)pool; /* unused without threads */
 #ifndef LLMKV_NO_THREADS
     if (pool->n > 1) {
         pthread_mutex_lock(&pool->mu);
