@@ -823,9 +823,21 @@ static int llmkv__dtype_valid(llmkv_dtype t) {
 }
 
 /* Converts n elements between the plain float types. Same type: a copy. */
-static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st, uint32_t n) {
+/* Vector conversion (x86 with F16C/AVX2): converts a prefix of the n
+   elements, bit-identical to the scalar functions, and returns its length. */
+static uint32_t llmkv__convert_simd(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st, uint32_t n);
+
+/* Converts n elements; `simd` says the machine has F16C/AVX2 (the cache
+   detected it at creation). */
+static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st, uint32_t n, int simd) {
     uint32_t i;
     if (dt == st) { memcpy(dst, src, (size_t)n * llmkv_dtype_size(st)); return; }
+    if (simd) {
+        uint32_t done = llmkv__convert_simd(dst, dt, src, st, n);
+        dst = (unsigned char*)dst + (size_t)done * llmkv_dtype_size(dt);
+        src = (const unsigned char*)src + (size_t)done * llmkv_dtype_size(st);
+        n -= done;
+    }
     if (st == LLMKV_DTYPE_F32) {
         const float* s = (const float*)src;
         uint16_t* d = (uint16_t*)dst;
@@ -1552,8 +1564,10 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     uint32_t slot, first, i, h, part, shared;
     size_t elem, row;
     llmkv_result r;
+    int simd;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
     l = &cache->layout;
+    simd = (int)(cache->cpu_paths >> LLMKV_CPU_PATH_AVX2 & 1u);
     s = llmkv__lookup(cache, seq, &slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
     if (src_dtype == LLMKV_DTYPE_DEFAULT) src_dtype = LLMKV_DTYPE_F32;
@@ -1585,7 +1599,7 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
             const unsigned char* row_src = src + i * stride;
             for (h = 0; h < l->n_kv_heads; ++h)
                 llmkv__convert(dst + h * pl->head_stride, pl->dtype, row_src + (size_t)h * l->head_dim * elem,
-                               src_dtype, l->head_dim);
+                               src_dtype, l->head_dim, simd);
         }
     }
     return LLMKV_OK;
@@ -1599,8 +1613,10 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
     const uint32_t* t;
     uint32_t slot, i, h, part;
     llmkv_result r;
+    int simd;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
     l = &cache->layout;
+    simd = (int)(cache->cpu_paths >> LLMKV_CPU_PATH_AVX2 & 1u);
     s = llmkv__lookup(cache, seq, &slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
     if (dst_dtype != LLMKV_DTYPE_DEFAULT && !llmkv__dtype_valid(dst_dtype)) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -1626,7 +1642,7 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
                                        layer * l->layer_stride + pl->offset + (p % l->page_size) * pl->slot_stride;
             for (h = 0; h < l->n_kv_heads; ++h)
                 llmkv__convert(dst + i * stride + h * out_head, out_t, src + h * pl->head_stride, pl->dtype,
-                               l->head_dim);
+                               l->head_dim, simd);
         }
     }
     return LLMKV_OK;
@@ -2240,6 +2256,42 @@ static LLMKV__T256 float llmkv__hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* --- element conversion (F16C + AVX2) ------------------------------------- */
+/* Bit-identical to llmkv_f32_to_f16 / llmkv_f32_to_bf16: vcvtps2ph rounds to
+   nearest-even, handles subnormal results and keeps NaN payloads with the
+   quiet bit set, exactly as the scalar code does. */
+static LLMKV__T256 uint32_t llmkv__convert_avx2(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st,
+                                                uint32_t n) {
+    uint32_t i = 0;
+    if (st == LLMKV_DTYPE_F32 && dt == LLMKV_DTYPE_F16) {
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)((uint16_t*)dst + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps((const float*)src + i), _MM_FROUND_TO_NEAREST_INT));
+    } else if (st == LLMKV_DTYPE_F16 && dt == LLMKV_DTYPE_F32) {
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps((float*)dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + i))));
+    } else if (st == LLMKV_DTYPE_BF16 && dt == LLMKV_DTYPE_F32) {
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps((float*)dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + i))), 16)));
+    } else if (st == LLMKV_DTYPE_F32 && dt == LLMKV_DTYPE_BF16) {
+        const __m256i one = _mm256_set1_epi32(1), round = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps((const float*)src + i);
+            __m256i u = _mm256_castps_si256(x);
+            __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, round),
+                                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+            __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+            __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            r = _mm256_blendv_epi8(r, q, nan);
+            /* 8 x 32-bit to 8 x 16-bit: pack within lanes, then order the lanes. */
+            r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+            _mm_storeu_si128((__m128i*)((uint16_t*)dst + i), _mm256_castsi256_si128(r));
+        }
+    }
+    return i;
+}
+
 /* --- AVX-512 ------------------------------------------------------------- */
 /* 16 elements per vector; the last partial vector of a row uses a mask, so
    nothing past head_dim is read. */
@@ -2572,6 +2624,15 @@ static LLMKV__T256 float llmkv__ex_avx2(float* x, uint32_t n, float sub) {
 #pragma GCC diagnostic pop
 #endif
 #endif /* LLMKV__X86 */
+
+static uint32_t llmkv__convert_simd(void* dst, llmkv_dtype dt, const void* src, llmkv_dtype st, uint32_t n) {
+#ifdef LLMKV__X86
+    return llmkv__convert_avx2(dst, dt, src, st, n);
+#else
+    (void)dst; (void)dt; (void)src; (void)st; (void)n;
+    return 0;
+#endif
+}
 
 #ifdef LLMKV__NEON
 /* --- NEON (AArch64) -------------------------------------------------------- */

@@ -193,6 +193,38 @@ static void test_bf16_conversion(tst* t) {
     TST_CHECK(t, isinf(llmkv_bf16_to_f32(llmkv_f32_to_bf16(3.4e38f)))); /* rounds up past max */
 }
 
+/* The vector conversions used by put and gather (F16C/AVX2) give exactly
+   the scalar functions' bits: every 2^32/2^20-th pattern, NaNs, infinities
+   and subnormals included. */
+static void test_simd_conversion_matches_scalar(tst* t) {
+    enum { N = 4096 };
+    static float src[N], wide[N];
+    static uint16_t got[N], want[N];
+    uint64_t u = 0;
+    int round, i, k;
+    if (!llmkv_cpu_path_supported(LLMKV_CPU_PATH_AVX2) || llmkv__convert_simd(got, LLMKV_DTYPE_F16, src, LLMKV_DTYPE_F32, 8) == 0)
+        TST_SKIP(t, "test_simd_conversion_matches_scalar: no vector conversion on this machine or build");
+    for (round = 0; round < 256; ++round) {
+        for (i = 0; i < N; ++i) {
+            uint32_t bits = (uint32_t)(u >> 12);
+            memcpy(&src[i], &bits, 4);
+            u += 0x1000ull * 1048573ull + (uint64_t)round;
+        }
+        for (k = 0; k < 2; ++k) {
+            llmkv_dtype dt = k ? LLMKV_DTYPE_BF16 : LLMKV_DTYPE_F16;
+            uint32_t done = llmkv__convert_simd(got, dt, src, LLMKV_DTYPE_F32, N);
+            TST_EQ(t, done, N);
+            for (i = 0; i < N; ++i) want[i] = k ? llmkv_f32_to_bf16(src[i]) : llmkv_f32_to_f16(src[i]);
+            if (memcmp(got, want, sizeof got)) { TST_CHECK(t, !"f32 -> 16-bit differs from scalar"); return; }
+            llmkv__convert_simd(wide, LLMKV_DTYPE_F32, want, dt, N);
+            for (i = 0; i < N; ++i) {
+                float w = k ? llmkv_bf16_to_f32(want[i]) : llmkv_f16_to_f32(want[i]);
+                if (memcmp(&w, &wide[i], 4)) { TST_CHECK(t, !"16-bit -> f32 differs from scalar"); return; }
+            }
+        }
+    }
+}
+
 /* ---- descriptor, layout, creation ------------------------------------- */
 
 static void test_desc_validation(tst* t) {
@@ -999,6 +1031,7 @@ void suite_cache(tst* t) {
     TST_RUN(t, test_result_strings);
     TST_RUN(t, test_f16_conversion);
     TST_RUN(t, test_bf16_conversion);
+    TST_RUN(t, test_simd_conversion_matches_scalar);
     TST_RUN(t, test_desc_validation);
     TST_RUN(t, test_logger_says_why);
     TST_RUN(t, test_defaults);
