@@ -30,10 +30,10 @@ $(BUILD)/quickstart: examples/quickstart.c $(HEADERS) | $(BUILD)
 $(BUILD)/tests: $(TEST_SRCS) tests/test_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) $(TEST_FLAGS) -o $@ $(TEST_SRCS) $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/bench_cache_ops: bench/bench_cache_ops.c $(HEADERS) | $(BUILD)
+$(BUILD)/bench_cache_ops: bench/bench_cache_ops.c bench/bench_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ bench/bench_cache_ops.c $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/bench_attn_cpu: bench/bench_attn_cpu.c $(HEADERS) | $(BUILD)
+$(BUILD)/bench_attn_cpu: bench/bench_attn_cpu.c bench/bench_util.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -pthread -o $@ bench/bench_attn_cpu.c $(LDFLAGS) $(LDLIBS) -lpthread
 
 test: $(BUILD)/tests

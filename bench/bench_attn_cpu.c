@@ -71,6 +71,7 @@
 
 #define LLMKV_IMPLEMENTATION
 #include "../llmkv.h"
+#include "bench_util.h"
 
 #define HEAD_DIM 128u
 #define PAGE_SIZE 16u
@@ -113,25 +114,7 @@ static void die(const char* what) {
     exit(1);
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static double seconds_since(uint64_t t0) { return (double)(now_ns() - t0) * 1e-9; }
-
-/* splitmix64: deterministic data. */
-static uint64_t rng_next(uint64_t* s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float rng_float(uint64_t* s) { /* uniform in [-1, 1) */
-    return (float)((double)(rng_next(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-}
 
 /* 64-byte aligned, every page written before anything is timed. */
 static void* xalloc(size_t size) {

@@ -33,6 +33,7 @@
 
 #define LLMKV_IMPLEMENTATION
 #include "../llmkv.h"
+#include "bench_util.h"
 
 #define N_LAYERS 32u
 #define N_KV_HEADS 8u
@@ -66,24 +67,6 @@ static void expect_u64(uint64_t got, uint64_t want, const char* what, int line) 
     }
 }
 #define EXPECT(got, want) expect_u64((uint64_t)(got), (uint64_t)(want), #got, __LINE__)
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* splitmix64: deterministic data and request lengths. */
-static uint64_t rng_next(uint64_t* s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static float rng_float(uint64_t* s) { /* uniform in [-1, 1) */
-    return (float)((double)(rng_next(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-}
 
 static void* xmalloc(size_t size) {
     void* p = malloc(size);
