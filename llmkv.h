@@ -360,7 +360,9 @@ LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, 
 /* Extends a sequence by n_tokens positions in every layer at once, taking
    free pages as needed and copying a shared tail page before it can be
    written (copy-on-write). The new slots hold unspecified bytes until
-   llmkv_put writes them. All or nothing: LLMKV_ERR_OUT_OF_PAGES,
+   llmkv_put writes them (pages are not cleared when taken: gathering or
+   attending over unwritten slots reads uninitialised memory, which
+   valgrind and MemorySanitizer report). All or nothing: LLMKV_ERR_OUT_OF_PAGES,
    LLMKV_ERR_SEQUENCE_TOO_LONG or LLMKV_ERR_COPY_QUEUE_FULL change nothing.
    n_tokens 0 is a no-op. Thread safety: mutates the cache. */
 LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
