@@ -3011,10 +3011,10 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     memset(acc, 0, (size_t)M * D * sizeof(float));
 
     /* Keys outside [kmin, kmax) are hidden from every row: those pages are
-       never touched. */
-    /* Pointers of the chunk being scored, and of the next one, whose rows
-       are prefetched meanwhile: one KV head of a page is only page_size
-       rows, and hardware prefetchers stop at every page change. */
+       never touched. kp/vp hold the row pointers of the chunk being scored
+       and of the next one, whose rows are prefetched meanwhile (a page's
+       part for a few KV heads is short, and hardware prefetchers stop at
+       every page change). */
     J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, kp[0], vp[0]);
     for (k = kmin, cur = 0; k < kmax; k += J, J = Jn, cur ^= 1) {
         uint32_t j;

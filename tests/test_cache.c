@@ -215,11 +215,19 @@ static void test_simd_conversion_matches_scalar(tst* t) {
             uint32_t done = llmkv__convert_simd(got, dt, src, LLMKV_DTYPE_F32, N);
             TST_EQ(t, done, N);
             for (i = 0; i < N; ++i) want[i] = k ? llmkv_f32_to_bf16(src[i]) : llmkv_f32_to_f16(src[i]);
-            if (memcmp(got, want, sizeof got)) { TST_CHECK(t, !"f32 -> 16-bit differs from scalar"); return; }
+            if (memcmp(got, want, sizeof got)) {
+                fprintf(stderr, "  f32 -> %s: vector and scalar conversions differ\n", llmkv_dtype_name(dt));
+                TST_CHECK(t, 0);
+                return;
+            }
             llmkv__convert_simd(wide, LLMKV_DTYPE_F32, want, dt, N);
             for (i = 0; i < N; ++i) {
                 float w = k ? llmkv_bf16_to_f32(want[i]) : llmkv_f16_to_f32(want[i]);
-                if (memcmp(&w, &wide[i], 4)) { TST_CHECK(t, !"16-bit -> f32 differs from scalar"); return; }
+                if (memcmp(&w, &wide[i], 4)) {
+                    fprintf(stderr, "  %s -> f32: vector and scalar conversions differ\n", llmkv_dtype_name(dt));
+                    TST_CHECK(t, 0);
+                    return;
+                }
             }
         }
     }
