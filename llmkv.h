@@ -887,6 +887,17 @@ static void llmkv__default_free(void* ptr, size_t size, void* user) {
     LLMKV_FREE(raw);
 }
 
+/* The caller's allocator, or the LLMKV_MALLOC fallback when none is set
+   (a may be NULL). */
+static llmkv_allocator llmkv__allocator_or_default(const llmkv_allocator* a) {
+    llmkv_allocator r;
+    if (a && a->alloc) return *a;
+    r.alloc = llmkv__default_alloc;
+    r.free = llmkv__default_free;
+    r.user = NULL;
+    return r;
+}
+
 /* Carves aligned pieces out of one block, or measures them (base NULL). */
 typedef struct llmkv__carver {
     unsigned char* base;
@@ -1155,8 +1166,7 @@ LLMKV_API llmkv_result llmkv_cache_create(const llmkv_desc* desc, llmkv_cache** 
         llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: the cache does not fit the address space");
         return LLMKV_ERR_OUT_OF_MEMORY;
     }
-    a = d.allocator;
-    if (!a.alloc) { a.alloc = llmkv__default_alloc; a.free = llmkv__default_free; a.user = NULL; }
+    a = llmkv__allocator_or_default(&d.allocator);
     meta = a.alloc((size_t)meta_size, LLMKV__ALIGN, a.user);
     if (!meta) {
         llmkv__log(&d.logger, LLMKV_LOG_ERROR, "llmkv: cannot allocate %llu bytes of metadata", (unsigned long long)meta_size);
@@ -1387,12 +1397,11 @@ static uint32_t llmkv__shared_in_range(const llmkv_cache* kv, uint32_t slot, uin
 
 /* Gives the sequence private copies of the shared pages holding positions
    [from, length). The caller checked that enough pages and queue room
-   exist. Returns 1 when the page table changed. */
-static int llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, uint32_t length) {
+   exist. */
+static void llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, uint32_t length) {
     uint32_t* t = llmkv__table(kv, slot);
     uint32_t ps = kv->layout.page_size, i, end;
-    int changed = 0;
-    if (from >= length) return 0;
+    if (from >= length) return;
     end = (length - 1) / ps;
     for (i = from / ps; i <= end; ++i) {
         uint32_t old = t[i], fresh, used;
@@ -1402,9 +1411,7 @@ static int llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, u
         llmkv__page_copy(kv, old, fresh, used);
         llmkv__page_release(kv, old);
         t[i] = fresh;
-        changed = 1;
     }
-    return changed;
 }
 
 LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
@@ -1745,6 +1752,7 @@ LLMKV_API llmkv_result llmkv_batch_create(const llmkv_cache* cache, uint32_t max
                                           llmkv_batch** out) {
     llmkv__carver c;
     llmkv_batch tmp, *b;
+    llmkv_allocator a;
     uint64_t size;
     void* block;
     if (!out) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -1755,8 +1763,8 @@ LLMKV_API llmkv_result llmkv_batch_create(const llmkv_cache* cache, uint32_t max
     c.used = 0;
     size = llmkv__batch_carve(&c, &tmp, cache, max_seqs, max_tokens);
     if (size > (uint64_t)(size_t)-1 / 2) return LLMKV_ERR_OUT_OF_MEMORY;
-    block = cache->alloc.alloc ? cache->alloc.alloc((size_t)size, LLMKV__ALIGN, cache->alloc.user)
-                               : llmkv__default_alloc((size_t)size, LLMKV__ALIGN, NULL);
+    a = llmkv__allocator_or_default(&cache->alloc); /* a caller-memory cache has none: the fallback */
+    block = a.alloc((size_t)size, LLMKV__ALIGN, a.user);
     if (!block) return LLMKV_ERR_OUT_OF_MEMORY;
     c.base = (unsigned char*)block;
     c.used = 0;
@@ -1765,8 +1773,7 @@ LLMKV_API llmkv_result llmkv_batch_create(const llmkv_cache* cache, uint32_t max
     llmkv__batch_carve(&c, b, cache, max_seqs, max_tokens);
     memset(b->seen, 0, (size_t)cache->desc.max_seqs * 4);
     b->cache = cache;
-    b->alloc = cache->alloc;
-    if (!b->alloc.alloc) { b->alloc.alloc = llmkv__default_alloc; b->alloc.free = llmkv__default_free; }
+    b->alloc = a;
     b->block = block;
     b->block_size = (size_t)size;
     b->max_seqs = max_seqs;
@@ -3328,8 +3335,7 @@ LLMKV_API llmkv_result llmkv_threadpool_create(uint32_t n_threads, const llmkv_a
     *out = NULL;
     if (n_threads == 0 || n_threads > 256) return LLMKV_ERR_INVALID_ARGUMENT;
     if (allocator && !allocator->alloc != !allocator->free) return LLMKV_ERR_INVALID_ARGUMENT;
-    if (allocator && allocator->alloc) a = *allocator;
-    else { a.alloc = llmkv__default_alloc; a.free = llmkv__default_free; a.user = NULL; }
+    a = llmkv__allocator_or_default(allocator);
 #ifdef LLMKV_NO_THREADS
     if (n_threads > 1) return LLMKV_ERR_UNSUPPORTED;
 #endif
