@@ -561,14 +561,20 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
 /* ------------------------------------------------------------------------ */
 
 /* CPU code paths. x86 chooses at run time (cpuid + xgetbv), so one binary
-   runs on every x86-64 machine; AArch64 always has NEON. */
+   runs on every x86-64 machine; AArch64 always has NEON. AUTO prefers
+   AVX512_BF16, then AVX512, AVX2, NEON, scalar. */
 typedef enum llmkv_cpu_path {
-    LLMKV_CPU_PATH_AUTO = 0,    /* the best supported; env LLMKV_CPU_PATH=scalar|avx2|avx512|neon overrides */
+    LLMKV_CPU_PATH_AUTO = 0,    /* the best supported; env LLMKV_CPU_PATH=scalar|avx2|avx512|neon|avx512bf16 overrides */
     LLMKV_CPU_PATH_SCALAR = 1,  /* portable C: the reference every other path is tested against */
     LLMKV_CPU_PATH_AVX2 = 2,    /* AVX2 + FMA + F16C */
-    LLMKV_CPU_PATH_AVX512 = 3,  /* AVX-512 F/BW/VL/DQ, with AVX512-BF16 dot products when present */
-    LLMKV_CPU_PATH_NEON = 4     /* AArch64 Advanced SIMD */
+    LLMKV_CPU_PATH_AVX512 = 3,  /* AVX-512 F/BW/VL/DQ (F32 arithmetic for every storage type) */
+    LLMKV_CPU_PATH_NEON = 4,    /* AArch64 Advanced SIMD */
+    LLMKV_CPU_PATH_AVX512_BF16 = 5 /* AVX-512 plus AVX512-BF16: BF16 K and V use vdpbf16ps dot
+                                   products (the query split into two BF16 parts, the softmax
+                                   weights rounded to BF16, F32 accumulation); other storage
+                                   types as LLMKV_CPU_PATH_AVX512 */
 } llmkv_cpu_path;
+#define LLMKV_CPU_PATH_LAST LLMKV_CPU_PATH_AVX512_BF16 /* the highest path value */
 
 /* 1 when this build and this machine can run `path` (AUTO: always).
    Thread safety: any thread. */
@@ -580,7 +586,7 @@ LLMKV_API int llmkv_cpu_path_supported(llmkv_cpu_path path);
    calls use that. Thread safety: any thread. */
 LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void);
 
-/* "scalar", "avx2", "avx512", "neon" or "auto"; "?" for others. */
+/* "scalar", "avx2", "avx512", "neon", "avx512bf16" or "auto"; "?" for others. */
 LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path);
 
 /* One attention call over a batch, for one layer. Query row r of the batch
@@ -2114,7 +2120,8 @@ static int llmkv__cpu_has(llmkv_cpu_path path) {
     case LLMKV_CPU_PATH_SCALAR: return 1;
 #ifdef LLMKV__X86
     case LLMKV_CPU_PATH_AVX2:
-    case LLMKV_CPU_PATH_AVX512: {
+    case LLMKV_CPU_PATH_AVX512:
+    case LLMKV_CPU_PATH_AVX512_BF16: {
         unsigned a, b, c, d;
         uint64_t xcr;
         if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -2129,7 +2136,11 @@ static int llmkv__cpu_has(llmkv_cpu_path path) {
         /* AVX512F (16), DQ (17), BW (30), VL (31), and opmask + ZMM state saved */
         if ((b & (1u << 16)) == 0 || (b & (1u << 17)) == 0 || (b & (1u << 30)) == 0 || (b & (1u << 31)) == 0)
             return 0;
-        return (xcr & 0xe6) == 0xe6;
+        if ((xcr & 0xe6) != 0xe6) return 0;
+        if (path == LLMKV_CPU_PATH_AVX512) return 1;
+        /* AVX512_BF16: leaf 7 sub-leaf 1, EAX bit 5 */
+        if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+        return (a & (1u << 5)) != 0;
     }
 #endif
 #ifdef LLMKV__NEON
@@ -2148,6 +2159,7 @@ LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path) {
     case LLMKV_CPU_PATH_AVX2: return "avx2";
     case LLMKV_CPU_PATH_AVX512: return "avx512";
     case LLMKV_CPU_PATH_NEON: return "neon";
+    case LLMKV_CPU_PATH_AVX512_BF16: return "avx512bf16";
     }
     return "?";
 }
@@ -2155,7 +2167,7 @@ LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path) {
 static uint32_t llmkv__cpu_detect(void) {
     uint32_t paths = 0;
     int p;
-    for (p = LLMKV_CPU_PATH_AUTO; p <= LLMKV_CPU_PATH_NEON; ++p)
+    for (p = LLMKV_CPU_PATH_AUTO; p <= LLMKV_CPU_PATH_LAST; ++p)
         if (llmkv__cpu_has((llmkv_cpu_path)p)) paths |= 1u << p;
     return paths;
 }
@@ -2164,9 +2176,10 @@ static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths) {
     const char* env = getenv("LLMKV_CPU_PATH");
     int p;
     if (env)
-        for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_NEON; ++p)
+        for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_LAST; ++p)
             if (strcmp(env, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0 && (paths >> p & 1u))
                 return (llmkv_cpu_path)p;
+    if (paths >> LLMKV_CPU_PATH_AVX512_BF16 & 1u) return LLMKV_CPU_PATH_AVX512_BF16;
     if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return LLMKV_CPU_PATH_AVX512;
     if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return LLMKV_CPU_PATH_AVX2;
     if (paths >> LLMKV_CPU_PATH_NEON & 1u) return LLMKV_CPU_PATH_NEON;
@@ -2178,21 +2191,32 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 /* ------------------------------------------------------------------------ */
 /* CPU attention: kernels                                                   */
 /*                                                                          */
-/* Each path provides three primitives over one chunk of J <= 64 keys, given */
-/* as row pointers plus a byte offset (a chunk spans pages; the offset picks */
-/* the KV head):                                                            */
+/* Each path provides three primitives over J keys (at most a chunk of 64;  */
+/* the driver passes one page's keys at a time), given as row pointers plus */
+/* a byte offset (the offset picks the KV head):                            */
 /*   qk:  S[m][j] = Q[m] . K[j]           for M query rows (already scaled) */
 /*   pv:  A[m][:] += sum_j P[m][j] V[j]   the weighted sum of values        */
 /*   ex:  x[i] = exp(x[i] - sub), returning the sum (exp(-inf) is 0)        */
-/* with K/V converted from their storage type in registers. Rows are       */
-/* processed four at a time, so each K/V vector is loaded once for four     */
-/* query heads of a GQA group.                                              */
+/* with K/V converted from their storage type in registers, each K/V vector */
+/* loaded once for a block of rows (the query heads of a GQA group). qk and */
+/* pv also prefetch rows pf[0 .. npf) at the same offset: the rows they    */
+/* will read a little later (see llmkv__attend_unit).                       */
 /* ------------------------------------------------------------------------ */
 
+/* Sizes of the work units (see the planning section below). */
+#define LLMKV__ATTN_HEAD_ROWS 16u
+#define LLMKV__ATTN_MAX_ROWS 64u
+#define LLMKV__ATTN_MAX_ELEMS 4096u
+#define LLMKV__ATTN_CHUNK 64u       /* keys scored at once */
+#define LLMKV__ATTN_AHEAD 32u       /* prefetch distance in keys (<= CHUNK) */
+#define LLMKV__ATTN_SJ (LLMKV__ATTN_CHUNK + 16u) /* score row stride: a kernel may write
+                                       up to 15 scores past a part's end */
+#define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
+
 typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, uint32_t J,
-                             float* S, uint32_t sj);
+                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf);
 typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* const* v, size_t voff,
-                             uint32_t J, float* acc);
+                             uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf);
 typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
 typedef float (*llmkv__max_fn)(const float* x, uint32_t n);
 
@@ -2201,7 +2225,20 @@ typedef struct llmkv__kernels {
     llmkv__pv_fn pv[3];
     llmkv__ex_fn ex;
     llmkv__max_fn max; /* max of n >= 1 scores (-inf allowed) */
+    int q_bf16[3];     /* qk[t] reads its query rows in BF16, head_dim rounded up to 32 apart */
 } llmkv__kernels;
+
+/* Asks for n rows (each at `offset` from its pointer) to be brought into the
+   cache hierarchy (L2) ahead of use. */
+static void llmkv__prefetch_rows(const unsigned char* const* rows, uint32_t n, uint32_t row_bytes, size_t offset) {
+#if defined(__GNUC__) || defined(__clang__)
+    uint32_t j, off;
+    for (j = 0; j < n; ++j)
+        for (off = 0; off < row_bytes; off += 64) __builtin_prefetch(rows[j] + offset + off, 0, 2);
+#else
+    (void)rows; (void)n; (void)row_bytes; (void)offset;
+#endif
+}
 
 /* --- scalar reference ---------------------------------------------------- */
 
@@ -2209,10 +2246,11 @@ static float llmkv__ld_f32(const unsigned char* p, uint32_t i) { float f; memcpy
 static float llmkv__ld_f16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_f16_to_f32(h); }
 static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_bf16_to_f32(h); }
 
-#define LLMKV__SCALAR_KERNELS(SUFFIX, LD)                                                                        \
+#define LLMKV__SCALAR_KERNELS(SUFFIX, LD, ES)                                                                     \
     static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,   \
-                                          uint32_t J, float* S, uint32_t sj) {                        \
+                                          uint32_t J, float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                        \
         uint32_t m, j, d;                                                                                        \
+        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
         for (j = 0; j < J; ++j)                                                                                  \
             for (m = 0; m < M; ++m) {                                                                            \
                 float s = 0.0f;                                                                                  \
@@ -2221,17 +2259,18 @@ static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; me
             }                                                                                                    \
     }                                                                                                            \
     static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
-                                          const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {           \
+                                          const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {           \
         uint32_t m, j, d;                                                                                        \
+        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
         for (j = 0; j < J; ++j)                                                                                  \
             for (d = 0; d < D; ++d) {                                                                            \
                 float x = LD((v[j] + voff), d);                                                                     \
                 for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
             }                                                                                                    \
     }
-LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32)
-LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16)
-LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16)
+LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32, 4)
+LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16, 2)
+LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16, 2)
 
 static float llmkv__max_scalar(const float* x, uint32_t n) {
     float m = x[0];
@@ -2320,128 +2359,341 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
     return llmkv__hsum256(h);
 }
 
-/* [sum(a), sum(b), sum(c), sum(d)] with one shared reduction tree. */
-static LLMKV__T512 __m128 llmkv__hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m256 ya = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 yb = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 yc = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 yd = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
-    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(ya, yb), _mm256_hadd_ps(yc, yd));
-    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+/* Both kernels work on blocks that fill sixteen accumulators, so FMA
+   latency is hidden and each K/V vector is converted once per block:
+     QK  R rows x 16/R keys (R = 4, 2 or 1, by how many rows remain), each
+         accumulator one (row, key) dot product over head_dim; one
+         transposing reduction turns the sixteen into a vector of scores.
+     PV  R rows x NB 16-element column blocks (NB <= 4), the accumulators
+         held in registers across every key of the chunk.
+   The block bodies are always inlined with R and NB constant (unrolled
+   loops over small arrays the compiler keeps in registers). */
+#if defined(__clang__)
+#define LLMKV__UNROLL _Pragma("unroll")
+#else
+#define LLMKV__UNROLL _Pragma("GCC unroll 16")
+#endif
+#define LLMKV__I512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+static LLMKV__T512 __m512 llmkv__y16_f32(const unsigned char* p) { return _mm512_loadu_ps(p); }
+static LLMKV__T512 __m512 llmkv__y16_f16(const unsigned char* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)p));
+}
+static LLMKV__T512 __m512 llmkv__y16_bf16(const unsigned char* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)p)), 16));
 }
 
-/* QK: rows four at a time and keys two at a time, so eight independent
-   FMA chains hide the FMA latency; each K vector is converted once for the
-   four rows. PV: rows four at a time and two 16-element column blocks at a
-   time, for the same reason. */
-#define LLMKV__AVX512_KERNELS(SUFFIX, LDM, ES)                                                                    \
-    static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                    \
-                                                      const unsigned char* const* k, size_t koff, uint32_t J, float* S,        \
-                                                      uint32_t sj) {                                              \
-        uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
-        __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
-        float tmp[4];                                                                                             \
-        for (; m + 4 <= M; m += 4) {                                                                              \
-            const float *q0 = q + (size_t)m * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;                        \
-            for (j = 0; j + 2 <= J; j += 2) {                                                                     \
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;   \
-                for (c = 0; c < n; ++c) {                                                                         \
-                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    __m512 k0 = LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES), k1 = LDM(mk, (k[j + 1] + koff) + (size_t)c * 16 * ES); \
-                    __m512 x = _mm512_maskz_loadu_ps(mk, q0 + c * 16);                                            \
-                    a0 = _mm512_fmadd_ps(x, k0, a0); b0 = _mm512_fmadd_ps(x, k1, b0);                             \
-                    x = _mm512_maskz_loadu_ps(mk, q1 + c * 16);                                                   \
-                    a1 = _mm512_fmadd_ps(x, k0, a1); b1 = _mm512_fmadd_ps(x, k1, b1);                             \
-                    x = _mm512_maskz_loadu_ps(mk, q2 + c * 16);                                                   \
-                    a2 = _mm512_fmadd_ps(x, k0, a2); b2 = _mm512_fmadd_ps(x, k1, b2);                             \
-                    x = _mm512_maskz_loadu_ps(mk, q3 + c * 16);                                                   \
-                    a3 = _mm512_fmadd_ps(x, k0, a3); b3 = _mm512_fmadd_ps(x, k1, b3);                             \
-                }                                                                                                 \
-                _mm_storeu_ps(tmp, llmkv__hsum4_512(a0, a1, a2, a3));                                             \
-                S[(size_t)m * sj + j] = tmp[0]; S[(size_t)(m + 1) * sj + j] = tmp[1];                             \
-                S[(size_t)(m + 2) * sj + j] = tmp[2]; S[(size_t)(m + 3) * sj + j] = tmp[3];                       \
-                _mm_storeu_ps(tmp, llmkv__hsum4_512(b0, b1, b2, b3));                                             \
-                S[(size_t)m * sj + j + 1] = tmp[0]; S[(size_t)(m + 1) * sj + j + 1] = tmp[1];                     \
-                S[(size_t)(m + 2) * sj + j + 1] = tmp[2]; S[(size_t)(m + 3) * sj + j + 1] = tmp[3];               \
-            }                                                                                                     \
-            for (; j < J; ++j) {                                                                                  \
-                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
-                for (c = 0; c < n; ++c) {                                                                         \
-                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    __m512 k0 = LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES);                                              \
-                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16), k0, a0);                         \
-                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q1 + c * 16), k0, a1);                         \
-                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q2 + c * 16), k0, a2);                         \
-                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q3 + c * 16), k0, a3);                         \
-                }                                                                                                 \
-                _mm_storeu_ps(tmp, llmkv__hsum4_512(a0, a1, a2, a3));                                             \
-                S[(size_t)m * sj + j] = tmp[0]; S[(size_t)(m + 1) * sj + j] = tmp[1];                             \
-                S[(size_t)(m + 2) * sj + j] = tmp[2]; S[(size_t)(m + 3) * sj + j] = tmp[3];                       \
-            }                                                                                                     \
-        }                                                                                                         \
-        for (; m < M; ++m) {                                                                                      \
-            const float* q0 = q + (size_t)m * D;                                                                  \
-            for (j = 0; j < J; ++j) {                                                                             \
-                __m512 a0 = _mm512_setzero_ps();                                                                  \
-                for (c = 0; c < n; ++c) {                                                                         \
-                    __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                        \
-                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q0 + c * 16),                                  \
-                                         LDM(mk, (k[j] + koff) + (size_t)c * 16 * ES), a0);                                \
-                }                                                                                                 \
-                S[(size_t)m * sj + j] = llmkv__hsum512(a0);                                                       \
-            }                                                                                                     \
-        }                                                                                                         \
-    }                                                                                                             \
-    static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,      \
-                                                      const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {   \
-        uint32_t n = (D + 15) / 16, m = 0, j, c;                                                                  \
-        __mmask16 last = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffffu);                                    \
-        for (; m + 4 <= M; m += 4) {                                                                              \
-            const float* p0 = P + (size_t)m * sj;                                                                 \
-            float* o0 = acc + (size_t)m * D;                                                                      \
-            for (c = 0; c < n; c += 2) {                                                                          \
-                /* Blocks c and c + 1 (the second empty, all-masked, when c is the last). */                     \
-                __mmask16 m0 = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
-                __mmask16 m1 = c + 1 >= n ? (__mmask16)0 : c + 2 == n ? last : (__mmask16)0xffffu;                \
-                float *o = o0 + c * 16;                                                                           \
-                __m512 a0 = _mm512_maskz_loadu_ps(m0, o), a1 = _mm512_maskz_loadu_ps(m0, o + D);                  \
-                __m512 a2 = _mm512_maskz_loadu_ps(m0, o + 2 * D), a3 = _mm512_maskz_loadu_ps(m0, o + 3 * D);      \
-                __m512 b0 = _mm512_maskz_loadu_ps(m1, o + 16), b1 = _mm512_maskz_loadu_ps(m1, o + D + 16);        \
-                __m512 b2 = _mm512_maskz_loadu_ps(m1, o + 2 * D + 16);                                            \
-                __m512 b3 = _mm512_maskz_loadu_ps(m1, o + 3 * D + 16);                                            \
-                for (j = 0; j < J; ++j) {                                                                         \
-                    __m512 v0 = LDM(m0, (v[j] + voff) + (size_t)c * 16 * ES);                                              \
-                    __m512 v1 = LDM(m1, (v[j] + voff) + (size_t)(c + 1) * 16 * ES);                                        \
-                    __m512 x = _mm512_set1_ps(p0[j]);                                                             \
-                    a0 = _mm512_fmadd_ps(x, v0, a0); b0 = _mm512_fmadd_ps(x, v1, b0);                             \
-                    x = _mm512_set1_ps(p0[sj + j]);                                                               \
-                    a1 = _mm512_fmadd_ps(x, v0, a1); b1 = _mm512_fmadd_ps(x, v1, b1);                             \
-                    x = _mm512_set1_ps(p0[2 * sj + j]);                                                           \
-                    a2 = _mm512_fmadd_ps(x, v0, a2); b2 = _mm512_fmadd_ps(x, v1, b2);                             \
-                    x = _mm512_set1_ps(p0[3 * sj + j]);                                                           \
-                    a3 = _mm512_fmadd_ps(x, v0, a3); b3 = _mm512_fmadd_ps(x, v1, b3);                             \
-                }                                                                                                 \
-                _mm512_mask_storeu_ps(o, m0, a0); _mm512_mask_storeu_ps(o + D, m0, a1);                           \
-                _mm512_mask_storeu_ps(o + 2 * D, m0, a2); _mm512_mask_storeu_ps(o + 3 * D, m0, a3);               \
-                _mm512_mask_storeu_ps(o + 16, m1, b0); _mm512_mask_storeu_ps(o + D + 16, m1, b1);                 \
-                _mm512_mask_storeu_ps(o + 2 * D + 16, m1, b2); _mm512_mask_storeu_ps(o + 3 * D + 16, m1, b3);     \
-            }                                                                                                     \
-        }                                                                                                         \
-        for (; m < M; ++m) {                                                                                      \
-            const float* p0 = P + (size_t)m * sj;                                                                 \
-            float* o0 = acc + (size_t)m * D;                                                                      \
-            for (c = 0; c < n; ++c) {                                                                             \
-                __mmask16 mk = c + 1 == n ? last : (__mmask16)0xffffu;                                            \
-                __m512 a0 = _mm512_maskz_loadu_ps(mk, o0 + c * 16);                                               \
-                for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), LDM(mk, (v[j] + voff) + (size_t)c * 16 * ES), a0);         \
-                _mm512_mask_storeu_ps(o0 + c * 16, mk, a0);                                                       \
-            }                                                                                                     \
-        }                                                                                                         \
+/* Lane n of the result is the sum of the lanes of x[n]. */
+LLMKV__I512 __m512 llmkv__reduce16(const __m512* x) {
+    __m512 t[8], u[4], v0, v1;
+    int i;
+    /* t[i]: the 256-bit halves of x[i] and x[i + 4] folded (i < 4), of
+       x[i + 4] and x[i + 8] (i >= 4). */
+    LLMKV__UNROLL for (i = 0; i < 4; ++i) {
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x44), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xee));
+        t[i + 4] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i + 8], x[i + 12], 0x44),
+                                 _mm512_shuffle_f32x4(x[i + 8], x[i + 12], 0xee));
     }
-LLMKV__AVX512_KERNELS(f32, llmkv__z_f32, 4)
-LLMKV__AVX512_KERNELS(f16, llmkv__z_f16, 2)
-LLMKV__AVX512_KERNELS(bf16, llmkv__z_bf16, 2)
+    /* u[i]: 128-bit lane L holds four partial sums of x[i + 4 L]. */
+    LLMKV__UNROLL for (i = 0; i < 4; ++i)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], 0x88), _mm512_shuffle_f32x4(t[i], t[i + 4], 0xdd));
+    v0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+    v1 = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(v0, v1, 0x44), _mm512_shuffle_ps(v0, v1, 0xee));
+}
+
+/* Stores lane r * (16 / R) + i of s to S[r * sj + i], i < 16 / R. */
+LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R) {
+    if (R == 4) {
+        _mm_storeu_ps(S, _mm512_castps512_ps128(s));
+        _mm_storeu_ps(S + sj, _mm512_extractf32x4_ps(s, 1));
+        _mm_storeu_ps(S + 2 * (size_t)sj, _mm512_extractf32x4_ps(s, 2));
+        _mm_storeu_ps(S + 3 * (size_t)sj, _mm512_extractf32x4_ps(s, 3));
+    } else if (R == 2) {
+        _mm256_storeu_ps(S, _mm512_castps512_ps256(s));
+        _mm256_storeu_ps(S + sj, _mm512_extractf32x8_ps(s, 1));
+    } else {
+        _mm512_storeu_ps(S, s);
+    }
+}
+
+/* One QK block: rows q (D floats apart), keys kr[0 .. 16/R). */
+#define LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                   \
+    LLMKV__I512 __m512 llmkv__qkb_##SUFFIX(const float* q, uint32_t D, const unsigned char* const* kr, uint32_t R,  \
+                                           const unsigned char* const* pr) {                                        \
+        __m512 a[16], kv[16], qv[4];                                                                                \
+        uint32_t KB = 16 / R, c, r, i;                                                                              \
+        LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();                                          \
+        for (c = 0; c + 16 <= D; c += 16) {                                                                         \
+            if (pr && ((size_t)c * ES) % 64 == 0)                                                                   \
+                LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + (size_t)c * ES, _MM_HINT_T1); \
+            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LD16(kr[i] + (size_t)c * ES);                           \
+            LLMKV__UNROLL for (r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(q + (size_t)r * D + c);                  \
+            LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                   \
+                LLMKV__UNROLL for (i = 0; i < KB; ++i) a[r * KB + i] = _mm512_fmadd_ps(qv[r], kv[i], a[r * KB + i]); \
+        }                                                                                                           \
+        if (c < D) {                                                                                                \
+            __mmask16 mk = (__mmask16)((1u << (D - c)) - 1);                                                        \
+            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LDM(mk, kr[i] + (size_t)c * ES);                        \
+            LLMKV__UNROLL for (r = 0; r < R; ++r) qv[r] = _mm512_maskz_loadu_ps(mk, q + (size_t)r * D + c);        \
+            LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                   \
+                LLMKV__UNROLL for (i = 0; i < KB; ++i) a[r * KB + i] = _mm512_fmadd_ps(qv[r], kv[i], a[r * KB + i]); \
+        }                                                                                                           \
+        return llmkv__reduce16(a);                                                                                  \
+    }
+
+/* One PV block: R rows of acc (D floats apart), NB column blocks from
+   column c0, the last one masked by `last`; every key of the chunk. */
+#define LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                   \
+    LLMKV__I512 void llmkv__pvb_##SUFFIX(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v,   \
+                                         size_t voff, uint32_t J, float* acc, uint32_t R, uint32_t NB,              \
+                                         __mmask16 last, const unsigned char* const* pf, uint32_t npf) {            \
+        __m512 a[16], vv[4];                                                                                        \
+        uint32_t j, r, i;                                                                                           \
+        LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                       \
+            LLMKV__UNROLL for (i = 0; i < NB; ++i)                                                                  \
+                a[r * NB + i] = _mm512_maskz_loadu_ps(i + 1 == NB ? last : (__mmask16)0xffffu,                      \
+                                                      acc + (size_t)r * D + 16 * i);                                \
+        for (j = 0; j < J; ++j) {                                                                                   \
+            const unsigned char* row = v[j] + voff;                                                                 \
+            if (j < npf)                                                                                            \
+                LLMKV__UNROLL for (i = 0; i < NB * 16 * ES; i += 64)                                                \
+                    _mm_prefetch((const char*)pf[j] + voff + i, _MM_HINT_T1);                                       \
+            LLMKV__UNROLL for (i = 0; i + 1 < NB; ++i) vv[i] = LD16(row + (size_t)16 * i * ES);                     \
+            vv[NB - 1] = LDM(last, row + (size_t)16 * (NB - 1) * ES);                                               \
+            LLMKV__UNROLL for (r = 0; r < R; ++r) {                                                                 \
+                __m512 p = _mm512_set1_ps(P[(size_t)r * sj + j]);                                                   \
+                LLMKV__UNROLL for (i = 0; i < NB; ++i) a[r * NB + i] = _mm512_fmadd_ps(p, vv[i], a[r * NB + i]);    \
+            }                                                                                                       \
+        }                                                                                                           \
+        LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                       \
+            LLMKV__UNROLL for (i = 0; i < NB; ++i)                                                                  \
+                _mm512_mask_storeu_ps(acc + (size_t)r * D + 16 * i, i + 1 == NB ? last : (__mmask16)0xffffu,        \
+                                      a[r * NB + i]);                                                               \
+    }
+
+/* The kernels proper: rows in blocks of 4, then 2, then 1. */
+#define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, ES)                                                                \
+    LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                       \
+    LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                       \
+    static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
+                                                      const unsigned char* const* k, size_t koff, uint32_t J,       \
+                                                      float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                                      \
+        const unsigned char *kr[16], *pr[16];                                                                       \
+        uint32_t m = 0, j, i, R, KB;                                                                                \
+        while (m < M) {                                                                                             \
+            R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;                                                                \
+            KB = 16 / R;                                                                                            \
+            for (j = 0; j < J; j += KB) {                                                                           \
+                const float* qm = q + (size_t)m * D;                                                                \
+                const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;                                    \
+                __m512 s;                                                                                           \
+                for (i = 0; i < KB; ++i) kr[i] = k[j + i < J ? j + i : J - 1] + koff;                               \
+                if (prj)                                                                                            \
+                    for (i = 0; i < KB; ++i) pr[i] = pf[j + i < npf ? j + i : npf - 1] + koff;                      \
+                s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, 4, prj)                                                 \
+                           : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, 2, prj)                                        \
+                                    : llmkv__qkb_##SUFFIX(qm, D, kr, 1, prj);                                       \
+                llmkv__store_scores(s, S + (size_t)m * sj + j, sj, R);                                              \
+            }                                                                                                       \
+            m += R;                                                                                                 \
+        }                                                                                                           \
+    }                                                                                                               \
+    static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,         \
+                                                      const unsigned char* const* v, size_t voff, uint32_t J,       \
+                                                      float* acc, const unsigned char* const* pf, uint32_t npf) {   \
+        uint32_t m = 0, c, R, NB;                                                                                   \
+        while (m < M) {                                                                                             \
+            const float* Pm = P + (size_t)m * sj;                                                                   \
+            float* am = acc + (size_t)m * D;                                                                        \
+            const unsigned char* const* pfm = m == 0 ? pf : NULL; /* the first rows prefetch */                    \
+            uint32_t npfm = m == 0 ? npf : 0;                                                                       \
+            R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;                                                                \
+            for (c = 0; c < D; c += 64) {                                                                           \
+                uint32_t left = D - c < 64 ? D - c : 64, tail = left % 16;                                          \
+                __mmask16 last = (__mmask16)(tail ? (1u << tail) - 1 : 0xffffu);                                    \
+                size_t off = voff + (size_t)c * ES;                                                                 \
+                NB = (left + 15) / 16;                                                                              \
+                switch (R * 4 + NB) {                                                                               \
+                case 20: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 4, last, pfm, npfm); break;                     \
+                case 19: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 3, last, pfm, npfm); break;                     \
+                case 18: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 2, last, pfm, npfm); break;                     \
+                case 17: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 1, last, pfm, npfm); break;                     \
+                case 12: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 4, last, pfm, npfm); break;                     \
+                case 11: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 3, last, pfm, npfm); break;                     \
+                case 10: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 2, last, pfm, npfm); break;                     \
+                case 9: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 1, last, pfm, npfm); break;                      \
+                case 8: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 4, last, pfm, npfm); break;                      \
+                case 7: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 3, last, pfm, npfm); break;                      \
+                case 6: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 2, last, pfm, npfm); break;                      \
+                default: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 1, last, pfm, npfm); break;                     \
+                }                                                                                                   \
+            }                                                                                                       \
+            m += R;                                                                                                 \
+        }                                                                                                           \
+    }
+LLMKV__AVX512_KERNELS(f32, llmkv__y16_f32, llmkv__z_f32, 4)
+LLMKV__AVX512_KERNELS(f16, llmkv__y16_f16, llmkv__z_f16, 2)
+LLMKV__AVX512_KERNELS(bf16, llmkv__y16_bf16, llmkv__z_bf16, 2)
+
+/* --- AVX-512 with BF16 dot products ---------------------------------------- */
+/* For BF16 K and V only: vdpbf16ps multiplies pairs of BF16 values and adds
+   both products to an F32 lane, twice the work of an F32 FMA. QK splits the
+   query into BF16 high and low parts (two dot products, so no K conversion
+   and the query keeps about 16 bits); PV rounds the softmax weights to BF16
+   (relative error 2^-9 per weight, so at most 2^-9 max|V| in the output)
+   and pairs two keys: the dot product runs along j, so the values of keys
+   j and j + 1 are interleaved (vpunpck[lh]wd), which orders each
+   accumulator's dimensions [0-3, 8-11, 16-19, 24-27] (lo) and [4-7, ...]
+   (hi) within 32-dimension blocks; acc is permuted to and from that order
+   once per call. Accumulation is F32 throughout. */
+#define LLMKV__T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define LLMKV__I512BF \
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+/* One QK block over query rows already in BF16: row r's high part at
+   qb + 2 r Dp, its low part Dp after (Dp a multiple of 32, zero-padded).
+   Two dot products per block of K, so the query keeps about 16 bits: BF16
+   alone would add logit errors of 2^-9 relative, which large logits turn
+   into visible weight errors. */
+LLMKV__I512BF __m512 llmkv__qkb_dp(const uint16_t* qb, uint32_t Dp, uint32_t D, const unsigned char* const* kr,
+                                   uint32_t R, const unsigned char* const* pr) {
+    __m512 a[16];
+    __m512i kv[16], qh[4], ql[4];
+    uint32_t KB = 16 / R, c, r, i;
+    LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+    for (c = 0; c < D; c += 32) {
+        __mmask32 mk = D - c >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (D - c)) - 1);
+        if (pr) LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + (size_t)c * 2, _MM_HINT_T1);
+        LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = _mm512_maskz_loadu_epi16(mk, kr[i] + (size_t)c * 2);
+        LLMKV__UNROLL for (r = 0; r < R; ++r) {
+            qh[r] = _mm512_loadu_si512((const void*)(qb + (size_t)r * 2 * Dp + c));
+            ql[r] = _mm512_loadu_si512((const void*)(qb + (size_t)r * 2 * Dp + Dp + c));
+        }
+        LLMKV__UNROLL for (r = 0; r < R; ++r)
+            LLMKV__UNROLL for (i = 0; i < KB; ++i) {
+                a[r * KB + i] = _mm512_dpbf16_ps(a[r * KB + i], (__m512bh)qh[r], (__m512bh)kv[i]);
+                a[r * KB + i] = _mm512_dpbf16_ps(a[r * KB + i], (__m512bh)ql[r], (__m512bh)kv[i]);
+            }
+    }
+    return llmkv__reduce16(a);
+}
+
+/* q: the rows as BF16 high and low parts (see llmkv__qkb_dp and
+   llmkv__attend_unit). */
+static LLMKV__T512BF void llmkv__qk_avx512bf_bf16(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                                                  size_t koff, uint32_t J, float* S, uint32_t sj,
+                                                  const unsigned char* const* pf, uint32_t npf) {
+    const uint16_t* qb = (const uint16_t*)(const void*)q;
+    const unsigned char *kr[16], *pr[16];
+    uint32_t m = 0, j, i, R, KB, Dp = (D + 31) / 32 * 32;
+    while (m < M) {
+        R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        KB = 16 / R;
+        for (j = 0; j < J; j += KB) {
+            const uint16_t* qm = qb + (size_t)m * 2 * Dp;
+            const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;
+            __m512 s;
+            for (i = 0; i < KB; ++i) kr[i] = k[j + i < J ? j + i : J - 1] + koff;
+            if (prj)
+                for (i = 0; i < KB; ++i) pr[i] = pf[j + i < npf ? j + i : npf - 1] + koff;
+            s = R == 4 ? llmkv__qkb_dp(qm, Dp, D, kr, 4, prj)
+                       : R == 2 ? llmkv__qkb_dp(qm, Dp, D, kr, 2, prj) : llmkv__qkb_dp(qm, Dp, D, kr, 1, prj);
+            llmkv__store_scores(s, S + (size_t)m * sj + j, sj, R);
+        }
+        m += R;
+    }
+}
+
+/* One PV block: R rows, NP 32-dimension blocks from column c0 (acc and voff
+   already offset), `left` dimensions remaining from c0. Pb: the rows'
+   weights in BF16, Jp apart, zero past J. */
+LLMKV__I512BF void llmkv__pvb_dp(const uint16_t* Pb, uint32_t Jp, uint32_t D, const unsigned char* const* v, size_t voff,
+                                 uint32_t J, float* acc, uint32_t R, uint32_t NP, uint32_t left,
+                                 const unsigned char* const* pf, uint32_t npf) {
+    __m512 lo[8], hi[8];
+    __m512i xl[2], xh[2];
+    __mmask32 wm[2];
+    __mmask16 m0[2], m1[2];
+    uint32_t j, r, b, i;
+    LLMKV__UNROLL for (b = 0; b < NP; ++b) {
+        uint32_t n = left > 32 * b ? left - 32 * b : 0;
+        if (n > 32) n = 32;
+        wm[b] = n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1);
+        m0[b] = (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1);
+        m1[b] = (__mmask16)(n >= 32 ? 0xffffu : n > 16 ? (1u << (n - 16)) - 1 : 0);
+    }
+    LLMKV__UNROLL for (r = 0; r < R; ++r)
+        LLMKV__UNROLL for (b = 0; b < NP; ++b) {
+            const float* o = acc + (size_t)r * D + 32 * b;
+            __m512 a0 = _mm512_maskz_loadu_ps(m0[b], o), a1 = _mm512_maskz_loadu_ps(m1[b], o + 16);
+            lo[r * NP + b] = _mm512_shuffle_f32x4(a0, a1, 0x88);
+            hi[r * NP + b] = _mm512_shuffle_f32x4(a0, a1, 0xdd);
+        }
+    for (j = 0; j < J; j += 2) {
+        const unsigned char* r0 = v[j] + voff;
+        const unsigned char* r1 = v[j + 1 < J ? j + 1 : j] + voff;
+        if (j < npf)
+            LLMKV__UNROLL for (i = 0; i < NP; ++i) {
+                _mm_prefetch((const char*)pf[j] + voff + 64 * i, _MM_HINT_T1);
+                _mm_prefetch((const char*)pf[j + 1 < npf ? j + 1 : j] + voff + 64 * i, _MM_HINT_T1);
+            }
+        LLMKV__UNROLL for (b = 0; b < NP; ++b) {
+            __m512i x = _mm512_maskz_loadu_epi16(wm[b], r0 + 64 * b), y = _mm512_maskz_loadu_epi16(wm[b], r1 + 64 * b);
+            xl[b] = _mm512_unpacklo_epi16(x, y);
+            xh[b] = _mm512_unpackhi_epi16(x, y);
+        }
+        LLMKV__UNROLL for (r = 0; r < R; ++r) {
+            int32_t pair;
+            __m512i p;
+            memcpy(&pair, Pb + (size_t)r * Jp + j, 4);
+            p = _mm512_set1_epi32(pair);
+            LLMKV__UNROLL for (b = 0; b < NP; ++b) {
+                lo[r * NP + b] = _mm512_dpbf16_ps(lo[r * NP + b], (__m512bh)p, (__m512bh)xl[b]);
+                hi[r * NP + b] = _mm512_dpbf16_ps(hi[r * NP + b], (__m512bh)p, (__m512bh)xh[b]);
+            }
+        }
+    }
+    LLMKV__UNROLL for (r = 0; r < R; ++r)
+        LLMKV__UNROLL for (b = 0; b < NP; ++b) {
+            float* o = acc + (size_t)r * D + 32 * b;
+            __m512 t0 = _mm512_shuffle_f32x4(lo[r * NP + b], hi[r * NP + b], 0x44);
+            __m512 t1 = _mm512_shuffle_f32x4(lo[r * NP + b], hi[r * NP + b], 0xee);
+            _mm512_mask_storeu_ps(o, m0[b], _mm512_shuffle_f32x4(t0, t0, 0xd8));
+            _mm512_mask_storeu_ps(o + 16, m1[b], _mm512_shuffle_f32x4(t1, t1, 0xd8));
+        }
+}
+
+static LLMKV__T512BF void llmkv__pv_avx512bf_bf16(const float* P, uint32_t sj, uint32_t M, uint32_t D,
+                                                  const unsigned char* const* v, size_t voff, uint32_t J, float* acc,
+                                                  const unsigned char* const* pf, uint32_t npf) {
+    uint16_t Pb[LLMKV__ATTN_HEAD_ROWS * (LLMKV__ATTN_CHUNK + 16)];
+    uint32_t Jp = (J + 15) / 16 * 16, m, j, c, R, NP;
+    /* The weights in BF16, rounded to nearest even, zero past J. */
+    for (m = 0; m < M; ++m)
+        for (j = 0; j < Jp; j += 16) {
+            __mmask16 mk = (__mmask16)(J - j >= 16 ? 0xffffu : (1u << (J - j)) - 1);
+            __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, P + (size_t)m * sj + j));
+            _mm256_storeu_si256((__m256i*)(void*)(Pb + (size_t)m * Jp + j), (__m256i)h);
+        }
+    for (m = 0; m < M; m += R) {
+        const unsigned char* const* pfm = m == 0 ? pf : NULL; /* the first rows prefetch */
+        uint32_t npfm = m == 0 ? npf : 0;
+        R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        for (c = 0; c < D; c += 64) {
+            uint32_t left = D - c;
+            NP = left > 32 ? 2 : 1;
+            switch (R * 2 + NP) {
+            case 10: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 4, 2, left, pfm, npfm); break;
+            case 9: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 4, 1, left, pfm, npfm); break;
+            case 6: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 2, 2, left, pfm, npfm); break;
+            case 5: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 2, 1, left, pfm, npfm); break;
+            case 4: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 1, 2, left, pfm, npfm); break;
+            default: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 1, 1, left, pfm, npfm); break;
+            }
+        }
+    }
+}
 
 /* exp on [-87, 88] by 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the
    degree-6 Taylor polynomial (relative error < 2e-7); below -87 (masked
@@ -2504,8 +2756,9 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
 #define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
     static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
                                                     const unsigned char* const* k, size_t koff, uint32_t J, float* S,      \
-                                                    uint32_t sj) {                                                \
+                                                    uint32_t sj, const unsigned char* const* pf, uint32_t npf) {  \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
+        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
@@ -2543,8 +2796,9 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
-                                                    const unsigned char* const* v, size_t voff, uint32_t J, float* acc) { \
+                                                    const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) { \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
+        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
@@ -2657,8 +2911,9 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
 
 #define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
     static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,           \
-                                        uint32_t J, float* S, uint32_t sj) {                          \
+                                        uint32_t J, float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                          \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
+        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
@@ -2695,8 +2950,9 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         }                                                                                                         \
     }                                                                                                             \
     static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
-                                        const unsigned char* const* v, size_t voff, uint32_t J, float* acc) {             \
+                                        const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {             \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
+        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
@@ -2780,8 +3036,15 @@ static float llmkv__ex_neon(float* x, uint32_t n, float sub) {
 
 /* The kernels of a path this machine supports (the caller checked). */
 static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
+    memset(k, 0, sizeof *k);
     switch (path) {
 #ifdef LLMKV__X86
+    case LLMKV_CPU_PATH_AVX512_BF16:
+        llmkv__kernels_for(LLMKV_CPU_PATH_AVX512, k);
+        k->qk[2] = llmkv__qk_avx512bf_bf16;
+        k->pv[2] = llmkv__pv_avx512bf_bf16;
+        k->q_bf16[2] = 1;
+        return;
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
@@ -2823,11 +3086,6 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
    reads each page's K and V parts as one contiguous stream, which is what
    decode at memory speed needs. Rows * head_dim is bounded so the
    per-thread state fits on the stack (about 56 KiB). */
-#define LLMKV__ATTN_HEAD_ROWS 16u
-#define LLMKV__ATTN_MAX_ROWS 64u
-#define LLMKV__ATTN_MAX_ELEMS 4096u
-#define LLMKV__ATTN_CHUNK 64u       /* keys scored at once */
-#define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
 
 typedef struct llmkv__job {
     const llmkv_cache* kv;
@@ -2836,6 +3094,7 @@ typedef struct llmkv__job {
     llmkv__kernels kern;
     llmkv__qk_fn qk;
     llmkv__pv_fn pv;
+    int q_bf16;                     /* qk reads BF16 query rows */
     uint32_t D, G, HS, QT, unit_rows, nth, splits;
     size_t q_stride, out_stride;    /* in floats */
     float scale, cap;
@@ -2970,35 +3229,24 @@ static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, co
     return J;
 }
 
-/* Asks for rows (of n_heads heads, head_stride apart) into the cache
-   hierarchy (L2) ahead of use. */
-static void llmkv__prefetch_rows(const unsigned char* const* rows, uint32_t n, uint32_t row_bytes, uint32_t n_heads,
-                                 uint64_t head_stride) {
-#if defined(__GNUC__) || defined(__clang__)
-    uint32_t j, b, off;
-    for (b = 0; b < n_heads; ++b)
-        for (j = 0; j < n; ++j)
-            for (off = 0; off < row_bytes; off += 64) __builtin_prefetch(rows[j] + b * head_stride + off, 0, 2);
-#else
-    (void)rows; (void)n; (void)row_bytes; (void)n_heads; (void)head_stride;
-#endif
-}
-
 /* Computes one unit: online softmax over its keys, page by page. Writes the
    normalised rows to out (and lse), or, for a split part, its unnormalised
    accumulator with running max and sum to `partial`. */
 static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float* partial) {
-    float Qs[LLMKV__ATTN_MAX_ELEMS], acc[LLMKV__ATTN_MAX_ELEMS];
-    float S[LLMKV__ATTN_MAX_ROWS * LLMKV__ATTN_CHUNK], mx[LLMKV__ATTN_MAX_ROWS], l[LLMKV__ATTN_MAX_ROWS];
+    /* Qs: the scaled query rows in F32, head_dim apart, or, for a QK kernel
+       that reads BF16, each row as BF16 high and low parts (q = hi + lo to
+       about 16 bits), 2 Dp values apart, Dp = head_dim rounded up to 32. */
+    float Qs[LLMKV__ATTN_MAX_ELEMS + 31 * LLMKV__ATTN_MAX_ROWS], acc[LLMKV__ATTN_MAX_ELEMS];
+    float S[LLMKV__ATTN_MAX_ROWS * LLMKV__ATTN_SJ], mx[LLMKV__ATTN_MAX_ROWS], l[LLMKV__ATTN_MAX_ROWS];
     uint32_t lo[LLMKV__ATTN_MAX_ROWS], hi[LLMKV__ATTN_MAX_ROWS];
     const llmkv_layout* ly = &jb->kv->layout;
     const llmkv_batch* b = jb->b;
     uint32_t D = jb->D, HS = u->h1 - u->h0, Mh = (u->t1 - u->t0) * HS, NB = u->kvh1 - u->kvh0, M = NB * Mh, hb;
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
-    uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, cur;
-    const unsigned char* kp[2][LLMKV__ATTN_CHUNK];
-    const unsigned char* vp[2][LLMKV__ATTN_CHUNK];
+    uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, qstride = D;
+    const unsigned char* kp[2 * LLMKV__ATTN_CHUNK]; /* this chunk's rows, then the next one's */
+    const unsigned char* vp[2 * LLMKV__ATTN_CHUNK];
 
     for (r = 0; r < M; ++r) {
         t = u->t0 + r % Mh / HS;
@@ -3016,25 +3264,45 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
         l[r] = 0.0f;
     }
     memset(acc, 0, (size_t)M * D * sizeof(float));
+    if (jb->q_bf16) { /* in place, last row first: row r's BF16 never starts before its F32 */
+        uint32_t Dp = (D + 31) / 32 * 32;
+        float row[512];
+        uint16_t* qb = (uint16_t*)(void*)Qs;
+        for (r = M; r-- > 0;) {
+            memcpy(row, Qs + (size_t)r * D, D * sizeof(float));
+            for (d = 0; d < Dp; ++d) {
+                uint16_t qh = d < D ? llmkv_f32_to_bf16(row[d]) : 0;
+                qb[(size_t)r * 2 * Dp + d] = qh;
+                qb[(size_t)r * 2 * Dp + Dp + d] = d < D ? llmkv_f32_to_bf16(row[d] - llmkv_bf16_to_f32(qh)) : 0;
+            }
+        }
+        qstride = Dp; /* floats: 2 Dp BF16 values */
+    }
 
     /* Keys outside [kmin, kmax) are hidden from every row: those pages are
        never touched. kp/vp hold the row pointers of the chunk being scored
-       and of the next one, whose rows are prefetched meanwhile (a page's
-       part for a few KV heads is short, and hardware prefetchers stop at
-       every page change). */
-    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, kp[0], vp[0]);
-    for (k = kmin, cur = 0; k < kmax; k += J, J = Jn, cur ^= 1) {
-        uint32_t j;
+       and of the next one. The chunk is walked page by page, and inside a
+       page KV head by KV head, so K (then V) is read in address order; after
+       each (page, head) part is read, the same part of the next chunk is
+       prefetched, which keeps a steady chunk's worth of reads in flight
+       (hardware prefetchers stop at every page change). */
+    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, kp, vp);
+    for (k = kmin; k < kmax; k += J, J = Jn) {
+        uint32_t j, s0, s1, npf;
         int whole = 1; /* every row sees every key of the chunk */
-        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, kp[cur ^ 1], vp[cur ^ 1]);
-        llmkv__prefetch_rows(kp[cur ^ 1], Jn, (uint32_t)ly->k.slot_stride, NB, ly->k.head_stride);
-        llmkv__prefetch_rows(vp[cur ^ 1], Jn, (uint32_t)ly->v.slot_stride, NB, ly->v.head_stride);
+        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, kp + J, vp + J);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
-        for (hb = 0; hb < NB; ++hb)
-            jb->qk(Qs + (size_t)hb * Mh * D, Mh, D, kp[cur], hb * ly->k.head_stride, J,
-                   S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK);
+        for (s0 = 0; s0 < J; s0 = s1) {
+            s1 = s0 + ly->page_size - (k + s0) % ly->page_size;
+            if (s1 > J) s1 = J;
+            npf = s0 + LLMKV__ATTN_AHEAD < J + Jn ? J + Jn - s0 - LLMKV__ATTN_AHEAD : 0;
+            if (npf > s1 - s0) npf = s1 - s0;
+            for (hb = 0; hb < NB; ++hb)
+                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, kp + s0, hb * ly->k.head_stride, s1 - s0,
+                       S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, kp + s0 + LLMKV__ATTN_AHEAD, npf);
+        }
         for (r = 0; r < M; ++r) {
-            float* s = S + (size_t)r * LLMKV__ATTN_CHUNK;
+            float* s = S + (size_t)r * LLMKV__ATTN_SJ;
             float cmax, newm, alpha;
             if (jb->cap > 0.0f)
                 for (j = 0; j < J; ++j) s[j] = jb->cap * tanhf(s[j] / jb->cap);
@@ -3053,9 +3321,17 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
                 for (d = 0; d < D; ++d) acc[(size_t)r * D + d] *= alpha;
             mx[r] = newm;
         }
-        for (hb = 0; hb < NB; ++hb)
-            jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_CHUNK, LLMKV__ATTN_CHUNK, Mh, D, vp[cur], hb * ly->v.head_stride, J,
-                   acc + (size_t)hb * Mh * D);
+        for (s0 = 0; s0 < J; s0 = s1) {
+            s1 = s0 + ly->page_size - (k + s0) % ly->page_size;
+            if (s1 > J) s1 = J;
+            npf = s0 + LLMKV__ATTN_AHEAD < J + Jn ? J + Jn - s0 - LLMKV__ATTN_AHEAD : 0;
+            if (npf > s1 - s0) npf = s1 - s0;
+            for (hb = 0; hb < NB; ++hb)
+                jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, Mh, D, vp + s0, hb * ly->v.head_stride,
+                       s1 - s0, acc + (size_t)hb * Mh * D, vp + s0 + LLMKV__ATTN_AHEAD, npf);
+        }
+        memmove(kp, kp + J, Jn * sizeof kp[0]);
+        memmove(vp, vp + J, Jn * sizeof vp[0]);
     }
 
     for (r = 0; r < M; ++r) {
@@ -3131,7 +3407,7 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     if ((d->q_stride && d->q_stride < row_bytes) || (d->out_stride && d->out_stride < row_bytes))
         return LLMKV_ERR_BUFFER_TOO_SMALL;
     path = d->path == LLMKV_CPU_PATH_AUTO ? kv->cpu_auto : d->path;
-    if ((unsigned)path > LLMKV_CPU_PATH_NEON || !(kv->cpu_paths >> path & 1u)) return LLMKV_ERR_UNSUPPORTED;
+    if ((unsigned)path > LLMKV_CPU_PATH_LAST || !(kv->cpu_paths >> path & 1u)) return LLMKV_ERR_UNSUPPORTED;
     r = llmkv_batch_check(b);
     if (r != LLMKV_OK) return r;
     if (!kv->pool) return LLMKV_ERR_NO_PAGE_DATA;
@@ -3143,6 +3419,7 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     llmkv__kernels_for(path, &jb->kern);
     jb->qk = jb->kern.qk[ly->k.dtype - LLMKV_DTYPE_F32];
     jb->pv = jb->kern.pv[ly->v.dtype - LLMKV_DTYPE_F32];
+    jb->q_bf16 = jb->kern.q_bf16[ly->k.dtype - LLMKV_DTYPE_F32];
     jb->D = ly->head_dim;
     jb->G = d->n_q_heads / ly->n_kv_heads;
     {

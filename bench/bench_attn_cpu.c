@@ -41,7 +41,7 @@
    error at most 1e-2, or the run fails.
 
    Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]
-                         [--kind decode|prefill] [--path scalar|avx2|avx512|neon]
+                         [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]
      --json     one JSON object per line (bandwidth lines, then one per case,
                 skipped cases included), nothing else on stdout
      --quick    a smoke run: a handful of small cases, 3 repetitions each,
@@ -752,7 +752,7 @@ static void measure_bandwidth(bench* b, int at_end) {
 static void usage(const char* argv0) {
     fprintf(stderr,
             "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]\n"
-            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon]\n",
+            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n",
             argv0);
     exit(2);
 }
@@ -794,6 +794,7 @@ int main(int argc, char** argv) {
             else if (strcmp(v, "avx2") == 0) b.path = LLMKV_CPU_PATH_AVX2;
             else if (strcmp(v, "avx512") == 0) b.path = LLMKV_CPU_PATH_AVX512;
             else if (strcmp(v, "neon") == 0) b.path = LLMKV_CPU_PATH_NEON;
+            else if (strcmp(v, "avx512bf16") == 0) b.path = LLMKV_CPU_PATH_AVX512_BF16;
             else if (strcmp(v, "auto") == 0) b.path = LLMKV_CPU_PATH_AUTO;
             else usage(argv[0]);
             ++i;

@@ -54,7 +54,7 @@
 #define WS_GUARD 256            /* bytes of canary after an external workspace */
 #define CANARY_BITS 0xA5C3E10Fu /* bit pattern of every out / lse canary */
 #define CASE_WORK 3000000.0     /* q.k multiply-adds per random case at most */
-#define N_PATHS 5
+#define N_PATHS (LLMKV_CPU_PATH_LAST + 1)
 
 /* ------------------------------------------------------------------------ */
 /* Helpers                                                                  */
@@ -848,7 +848,7 @@ static int run_and_check(tst* t, aenv* e, llmkv_cpu_path path, const amode* m, t
 
 static int supported_paths(llmkv_cpu_path* out) {
     int n = 0, p;
-    for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_NEON; ++p)
+    for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_LAST; ++p)
         if (llmkv_cpu_path_supported((llmkv_cpu_path)p)) out[n++] = (llmkv_cpu_path)p;
     return n;
 }
@@ -1431,7 +1431,7 @@ static void test_attn_bad_calls(tst* t) {
     d = good; d.q_stride = 4; EXPECT(d, LLMKV_ERR_BUFFER_TOO_SMALL);
     d = good; d.out_stride = row_bytes - 4; EXPECT(d, LLMKV_ERR_BUFFER_TOO_SMALL);
     /* A path this machine cannot run. */
-    for (p = LLMKV_CPU_PATH_AVX2; p <= LLMKV_CPU_PATH_NEON; ++p)
+    for (p = LLMKV_CPU_PATH_AVX2; p <= LLMKV_CPU_PATH_LAST; ++p)
         if (!llmkv_cpu_path_supported((llmkv_cpu_path)p)) {
             d = good;
             d.path = (llmkv_cpu_path)p;
