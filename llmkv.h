@@ -3229,6 +3229,17 @@ static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, co
     return J;
 }
 
+/* The part of a chunk (keys k + [0, J)) that starts at s0: up to the end of
+   its page; returns its end. *npf: how many of the rows AHEAD keys further
+   on (in this chunk or the next, of Jn keys) it prefetches. */
+static uint32_t llmkv__part_end(uint32_t page_size, uint32_t k, uint32_t s0, uint32_t J, uint32_t Jn, uint32_t* npf) {
+    uint32_t s1 = s0 + page_size - (k + s0) % page_size;
+    if (s1 > J) s1 = J;
+    *npf = s0 + LLMKV__ATTN_AHEAD < J + Jn ? J + Jn - s0 - LLMKV__ATTN_AHEAD : 0;
+    if (*npf > s1 - s0) *npf = s1 - s0;
+    return s1;
+}
+
 /* Computes one unit: online softmax over its keys, page by page. Writes the
    normalised rows to out (and lse), or, for a split part, its unnormalised
    accumulator with running max and sum to `partial`. */
@@ -3293,10 +3304,7 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
         Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, kp + J, vp + J);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
         for (s0 = 0; s0 < J; s0 = s1) {
-            s1 = s0 + ly->page_size - (k + s0) % ly->page_size;
-            if (s1 > J) s1 = J;
-            npf = s0 + LLMKV__ATTN_AHEAD < J + Jn ? J + Jn - s0 - LLMKV__ATTN_AHEAD : 0;
-            if (npf > s1 - s0) npf = s1 - s0;
+            s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
                 jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, kp + s0, hb * ly->k.head_stride, s1 - s0,
                        S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, kp + s0 + LLMKV__ATTN_AHEAD, npf);
@@ -3322,10 +3330,7 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
             mx[r] = newm;
         }
         for (s0 = 0; s0 < J; s0 = s1) {
-            s1 = s0 + ly->page_size - (k + s0) % ly->page_size;
-            if (s1 > J) s1 = J;
-            npf = s0 + LLMKV__ATTN_AHEAD < J + Jn ? J + Jn - s0 - LLMKV__ATTN_AHEAD : 0;
-            if (npf > s1 - s0) npf = s1 - s0;
+            s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
                 jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, Mh, D, vp + s0, hb * ly->v.head_stride,
                        s1 - s0, acc + (size_t)hb * Mh * D, vp + s0 + LLMKV__ATTN_AHEAD, npf);
