@@ -2225,7 +2225,7 @@ typedef struct llmkv__kernels {
     llmkv__pv_fn pv[3];
     llmkv__ex_fn ex;
     llmkv__max_fn max; /* max of n >= 1 scores (-inf allowed) */
-    int q_bf16[3];     /* qk[t] reads its query rows in BF16, head_dim rounded up to 32 apart */
+    int q_bf16[3];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
 } llmkv__kernels;
 
 /* Asks for n rows (each at `offset` from its pointer) to be brought into the
@@ -2359,13 +2359,24 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
     return llmkv__hsum256(h);
 }
 
+/* Rows per kernel block: 4 while at least four remain, then 2, then 1. */
+static uint32_t llmkv__row_block(uint32_t left) { return left >= 4 ? 4 : left >= 2 ? 2 : 1; }
+
+/* out[i] = rows[min(j + i, n - 1)] + offset for i < count: a block's row
+   pointers, the last row repeated past the end (its results are unused). */
+static void llmkv__block_rows(const unsigned char* const* rows, uint32_t n, uint32_t j, uint32_t count, size_t offset,
+                              const unsigned char** out) {
+    uint32_t i;
+    for (i = 0; i < count; ++i) out[i] = rows[j + i < n ? j + i : n - 1] + offset;
+}
+
 /* Both kernels work on blocks that fill sixteen accumulators, so FMA
    latency is hidden and each K/V vector is converted once per block:
      QK  R rows x 16/R keys (R = 4, 2 or 1, by how many rows remain), each
          accumulator one (row, key) dot product over head_dim; one
          transposing reduction turns the sixteen into a vector of scores.
      PV  R rows x NB 16-element column blocks (NB <= 4), the accumulators
-         held in registers across every key of the chunk.
+         held in registers across every key of the part.
    The block bodies are always inlined with R and NB constant (unrolled
    loops over small arrays the compiler keeps in registers). */
 #if defined(__clang__)
@@ -2375,11 +2386,11 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
 #endif
 #define LLMKV__I512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
-static LLMKV__T512 __m512 llmkv__y16_f32(const unsigned char* p) { return _mm512_loadu_ps(p); }
-static LLMKV__T512 __m512 llmkv__y16_f16(const unsigned char* p) {
+static LLMKV__T512 __m512 llmkv__z16_f32(const unsigned char* p) { return _mm512_loadu_ps(p); }
+static LLMKV__T512 __m512 llmkv__z16_f16(const unsigned char* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)p));
 }
-static LLMKV__T512 __m512 llmkv__y16_bf16(const unsigned char* p) {
+static LLMKV__T512 __m512 llmkv__z16_bf16(const unsigned char* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)p)), 16));
 }
 
@@ -2443,7 +2454,7 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
     }
 
 /* One PV block: R rows of acc (D floats apart), NB column blocks from
-   column c0, the last one masked by `last`; every key of the chunk. */
+   column c0, the last one masked by `last`; every key of the part. */
 #define LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                   \
     LLMKV__I512 void llmkv__pvb_##SUFFIX(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v,   \
                                          size_t voff, uint32_t J, float* acc, uint32_t R, uint32_t NB,              \
@@ -2480,17 +2491,16 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                                                       const unsigned char* const* k, size_t koff, uint32_t J,       \
                                                       float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                                      \
         const unsigned char *kr[16], *pr[16];                                                                       \
-        uint32_t m = 0, j, i, R, KB;                                                                                \
+        uint32_t m = 0, j, R, KB;                                                                                   \
         while (m < M) {                                                                                             \
-            R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;                                                                \
+            R = llmkv__row_block(M - m);                                                                            \
             KB = 16 / R;                                                                                            \
             for (j = 0; j < J; j += KB) {                                                                           \
                 const float* qm = q + (size_t)m * D;                                                                \
                 const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;                                    \
                 __m512 s;                                                                                           \
-                for (i = 0; i < KB; ++i) kr[i] = k[j + i < J ? j + i : J - 1] + koff;                               \
-                if (prj)                                                                                            \
-                    for (i = 0; i < KB; ++i) pr[i] = pf[j + i < npf ? j + i : npf - 1] + koff;                      \
+                llmkv__block_rows(k, J, j, KB, koff, kr);                                                           \
+                if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);                                               \
                 s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, 4, prj)                                                 \
                            : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, 2, prj)                                        \
                                     : llmkv__qkb_##SUFFIX(qm, D, kr, 1, prj);                                       \
@@ -2508,7 +2518,7 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
             float* am = acc + (size_t)m * D;                                                                        \
             const unsigned char* const* pfm = m == 0 ? pf : NULL; /* the first rows prefetch */                    \
             uint32_t npfm = m == 0 ? npf : 0;                                                                       \
-            R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;                                                                \
+            R = llmkv__row_block(M - m);                                                                            \
             for (c = 0; c < D; c += 64) {                                                                           \
                 uint32_t left = D - c < 64 ? D - c : 64, tail = left % 16;                                          \
                 __mmask16 last = (__mmask16)(tail ? (1u << tail) - 1 : 0xffffu);                                    \
@@ -2532,9 +2542,9 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
             m += R;                                                                                                 \
         }                                                                                                           \
     }
-LLMKV__AVX512_KERNELS(f32, llmkv__y16_f32, llmkv__z_f32, 4)
-LLMKV__AVX512_KERNELS(f16, llmkv__y16_f16, llmkv__z_f16, 2)
-LLMKV__AVX512_KERNELS(bf16, llmkv__y16_bf16, llmkv__z_bf16, 2)
+LLMKV__AVX512_KERNELS(f32, llmkv__z16_f32, llmkv__z_f32, 4)
+LLMKV__AVX512_KERNELS(f16, llmkv__z16_f16, llmkv__z_f16, 2)
+LLMKV__AVX512_KERNELS(bf16, llmkv__z16_bf16, llmkv__z_bf16, 2)
 
 /* --- AVX-512 with BF16 dot products ---------------------------------------- */
 /* For BF16 K and V only: vdpbf16ps multiplies pairs of BF16 values and adds
@@ -2586,17 +2596,16 @@ static LLMKV__T512BF void llmkv__qk_avx512bf_bf16(const float* q, uint32_t M, ui
                                                   const unsigned char* const* pf, uint32_t npf) {
     const uint16_t* qb = (const uint16_t*)(const void*)q;
     const unsigned char *kr[16], *pr[16];
-    uint32_t m = 0, j, i, R, KB, Dp = (D + 31) / 32 * 32;
+    uint32_t m = 0, j, R, KB, Dp = (D + 31) / 32 * 32;
     while (m < M) {
-        R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        R = llmkv__row_block(M - m);
         KB = 16 / R;
         for (j = 0; j < J; j += KB) {
             const uint16_t* qm = qb + (size_t)m * 2 * Dp;
             const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;
             __m512 s;
-            for (i = 0; i < KB; ++i) kr[i] = k[j + i < J ? j + i : J - 1] + koff;
-            if (prj)
-                for (i = 0; i < KB; ++i) pr[i] = pf[j + i < npf ? j + i : npf - 1] + koff;
+            llmkv__block_rows(k, J, j, KB, koff, kr);
+            if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
             s = R == 4 ? llmkv__qkb_dp(qm, Dp, D, kr, 4, prj)
                        : R == 2 ? llmkv__qkb_dp(qm, Dp, D, kr, 2, prj) : llmkv__qkb_dp(qm, Dp, D, kr, 1, prj);
             llmkv__store_scores(s, S + (size_t)m * sj + j, sj, R);
@@ -2679,17 +2688,20 @@ static LLMKV__T512BF void llmkv__pv_avx512bf_bf16(const float* P, uint32_t sj, u
     for (m = 0; m < M; m += R) {
         const unsigned char* const* pfm = m == 0 ? pf : NULL; /* the first rows prefetch */
         uint32_t npfm = m == 0 ? npf : 0;
-        R = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        R = llmkv__row_block(M - m);
         for (c = 0; c < D; c += 64) {
+            const uint16_t* pm = Pb + (size_t)m * Jp;
+            float* am = acc + (size_t)m * D + c;
+            size_t off = voff + (size_t)c * 2;
             uint32_t left = D - c;
             NP = left > 32 ? 2 : 1;
             switch (R * 2 + NP) {
-            case 10: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 4, 2, left, pfm, npfm); break;
-            case 9: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 4, 1, left, pfm, npfm); break;
-            case 6: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 2, 2, left, pfm, npfm); break;
-            case 5: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 2, 1, left, pfm, npfm); break;
-            case 4: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 1, 2, left, pfm, npfm); break;
-            default: llmkv__pvb_dp(Pb + (size_t)m * Jp, Jp, D, v, voff + (size_t)c * 2, J, acc + (size_t)m * D + c, 1, 1, left, pfm, npfm); break;
+            case 10: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 4, 2, left, pfm, npfm); break;
+            case 9: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 4, 1, left, pfm, npfm); break;
+            case 6: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 2, 2, left, pfm, npfm); break;
+            case 5: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 2, 1, left, pfm, npfm); break;
+            case 4: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 1, 2, left, pfm, npfm); break;
+            default: llmkv__pvb_dp(pm, Jp, D, v, off, J, am, 1, 1, left, pfm, npfm); break;
             }
         }
     }
@@ -3085,7 +3097,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
    HEAD_ROWS) share every K/V vector they load; a block of several KV heads
    reads each page's K and V parts as one contiguous stream, which is what
    decode at memory speed needs. Rows * head_dim is bounded so the
-   per-thread state fits on the stack (about 56 KiB). */
+   per-thread state fits on the stack (about 68 KiB). */
 
 typedef struct llmkv__job {
     const llmkv_cache* kv;
