@@ -187,12 +187,20 @@ LLMKV_API const char* llmkv_version(void);
 /* Configuration                                                            */
 /* ------------------------------------------------------------------------ */
 
-/* Element type of stored K or V vectors (and of caller buffers). */
+/* Element type of stored K or V vectors (and of caller buffers: F32, F16
+   and BF16 only). The quantized types keep their scales in the page next
+   to the data (llmkv_part_layout); each head vector (one token, one KV
+   head) is quantized on its own, so one token's values never change
+   another's. Exact formats, rounding and the handling of NaN and infinity:
+   llmkv_quantize. */
 typedef enum llmkv_dtype {
     LLMKV_DTYPE_DEFAULT = 0,  /* storage: F16; caller buffers: see each call */
     LLMKV_DTYPE_F32 = 1,      /* IEEE binary32 */
     LLMKV_DTYPE_F16 = 2,      /* IEEE binary16 */
-    LLMKV_DTYPE_BF16 = 3      /* bfloat16: the high half of a binary32 */
+    LLMKV_DTYPE_BF16 = 3,     /* bfloat16: the high half of a binary32 */
+    LLMKV_DTYPE_Q8 = 4,       /* storage: int8, one F16 scale per 32 elements */
+    LLMKV_DTYPE_Q4 = 5,       /* storage: 4-bit codes, an F16 scale and minimum per 32 elements */
+    LLMKV_DTYPE_FP8 = 6       /* storage: FP8 E4M3 (finite, |x| <= 448), one F32 scale per vector */
 } llmkv_dtype;
 
 /* Where page bytes live. */
@@ -254,11 +262,14 @@ typedef struct llmkv_desc {
    (page p, layer l, head h, slot s) starts at
        pool + p * page_bytes + l * layer_stride + offset + h * head_stride
             + s * slot_stride
-   and its elements are `dtype`. Types without scales report 0 for the
-   scale fields. */
+   and its elements are `dtype` (Q4: two per byte, see llmkv_quantize).
+   The scales of that vector start at
+       pool + p * page_bytes + l * layer_stride + scale_offset
+            + h * scale_head_stride + s * scale_slot_stride
+   Types without scales report 0 for the scale fields. */
 typedef struct llmkv_part_layout {
     llmkv_dtype dtype;
-    uint32_t elem_bytes;        /* bytes per element */
+    uint32_t elem_bytes;        /* bytes per element (llmkv_dtype_size; Q4: 0) */
     uint64_t offset;            /* first byte of head 0, slot 0 */
     uint64_t head_stride;       /* = page_size * slot_stride */
     uint64_t slot_stride;       /* bytes of one head vector */
@@ -391,7 +402,9 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
 /* Copies positions [pos, pos + n_tokens) of one layer into contiguous caller
    buffers [n_tokens][n_kv_heads][head_dim], rows k_stride / v_stride bytes
    apart (0: packed). dst_dtype DEFAULT copies the stored bytes as they are
-   (each part in its own storage type); F32, F16 or BF16 converts.
+   (each part in its own storage type; a quantized part as F32); F32, F16
+   or BF16 converts (a quantized part is dequantized as llmkv_dequantize
+   does, then converted).
    Either output may be NULL. Thread safety: read-only. */
 LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uint32_t layer,
                                     uint32_t pos, uint32_t n_tokens, void* k, size_t k_stride,
@@ -665,12 +678,64 @@ LLMKV_API float llmkv_f16_to_f32(uint16_t h);
 LLMKV_API uint16_t llmkv_f32_to_bf16(float x);
 LLMKV_API float llmkv_bf16_to_f32(uint16_t h);
 
-/* Bytes of one element of a storage type (DEFAULT: F16's); 0 for an
-   unknown value. Thread safety: any thread. */
+/* Bytes of one element of a type (DEFAULT: F16's): 4, 2, 2 for F32, F16,
+   BF16; 1 for Q8 and FP8 (data only, see llmkv_vector_bytes); 0 for Q4
+   (two elements per byte) and for an unknown value.
+   Thread safety: any thread. */
 LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype);
 
-/* Lower-case name of a type ("f32", "f16", "bf16"), or "?". */
+/* Lower-case name of a type ("f32", "f16", "bf16", "q8", "q4", "fp8"), or
+   "?". */
 LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype);
+
+/* Storage of one head vector of n elements (1..512) in type `dtype`:
+   *data_bytes of elements and *scale_bytes of scales (0 for F32, F16 and
+   BF16; Q8: 2 per group of 32; Q4: 4 per group; FP8: 4). Either output may
+   be NULL. Returns LLMKV_ERR_INVALID_ARGUMENT for a bad type or n (outputs
+   then 0). Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_vector_bytes(llmkv_dtype dtype, uint32_t n, uint32_t* data_bytes,
+                                          uint32_t* scale_bytes);
+
+/* Stores n (1..512) floats x as one head vector of type `dtype`: its
+   elements to `data`, its scales to `scales` (NULL allowed for the float
+   types), sized by llmkv_vector_bytes. This is exactly what llmkv_put does
+   to each head vector; external kernels and tests can rely on it.
+     F32/F16/BF16: llmkv_f32_to_* of each element.
+     Q8: per group g of 32 elements (the last may be shorter), with a = the
+       largest |x| of its finite elements (0 if none): scale
+       s = f16(min(a / 127, 65504)) (so |x| up to about 8.3e6 is
+       representable; more saturates), stored as F16 bits; codes
+       c = rint(clamp(x * (1/s), -127, 127)) (0 when s is 0).
+     Q4: per group of 32: lo, hi = the smallest and largest finite element
+       (0, 0 if none); minimum m = f16(clamp(lo, -65504, 65504)), scale
+       s = f16(clamp((hi - m) / 15, 0, 65504)), stored as F16 pairs
+       (s, m) per group; codes c = rint(clamp((x - m) * (1/s), 0, 15)), two
+       per byte, element 2i in the low nibble of byte i (a final unused
+       nibble is 0). Value: m + s c, one rounding.
+     FP8: E4M3 with bias 7, no infinities (0x7f/0xff are NaN and never
+       written), largest 448; with a the largest finite |x|, the F32 scale
+       s = max(a / 448, FLT_MIN) (0 if a is 0) and codes
+       e4m3(clamp(x * (1/s), -448, 448)), rounded to nearest even
+       (subnormals m 2^-9). Value: e4m3 value times s.
+   In every quantized type NaN is stored as 0 would be, +-infinity as the
+   largest (smallest) value the group can hold, and neither affects the
+   scales, which come from the finite elements only. Rounding is to
+   nearest, ties to even, throughout; every SIMD path produces these exact
+   bytes. Returns LLMKV_ERR_INVALID_ARGUMENT for a bad type, n or a NULL
+   pointer that is needed. Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_quantize(llmkv_dtype dtype, const float* x, uint32_t n, void* data, void* scales);
+
+/* The inverse of llmkv_quantize: n (1..512) values of one head vector of
+   type `dtype` (data and scales as llmkv_quantize writes them) to floats.
+   Returns LLMKV_ERR_INVALID_ARGUMENT for a bad type, n or a NULL pointer
+   that is needed. Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_dequantize(llmkv_dtype dtype, const void* data, const void* scales, uint32_t n,
+                                        float* out);
+
+/* Page bytes one token takes in a cache created from `desc` (page_bytes /
+   page_size: every layer's K and V, every KV head, scales and padding
+   included); 0 if desc is invalid. Thread safety: any thread. */
+LLMKV_API double llmkv_bytes_per_token(const llmkv_desc* desc);
 
 #ifdef __cplusplus
 }
@@ -684,6 +749,8 @@ LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype);
 #ifndef LLMKV_IMPLEMENTATION_ONCE
 #define LLMKV_IMPLEMENTATION_ONCE
 
+#include <float.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -812,6 +879,9 @@ LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype) {
     case LLMKV_DTYPE_F32: return 4;
     case LLMKV_DTYPE_F16: return 2;
     case LLMKV_DTYPE_BF16: return 2;
+    case LLMKV_DTYPE_Q8: return 1;
+    case LLMKV_DTYPE_Q4: return 0;
+    case LLMKV_DTYPE_FP8: return 1;
     }
     return 0;
 }
@@ -822,12 +892,21 @@ LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype) {
     case LLMKV_DTYPE_F32: return "f32";
     case LLMKV_DTYPE_F16: return "f16";
     case LLMKV_DTYPE_BF16: return "bf16";
+    case LLMKV_DTYPE_Q8: return "q8";
+    case LLMKV_DTYPE_Q4: return "q4";
+    case LLMKV_DTYPE_FP8: return "fp8";
     }
     return "?";
 }
 
+/* A type of caller buffers (and of float storage). */
 static int llmkv__dtype_valid(llmkv_dtype t) {
     return t == LLMKV_DTYPE_F32 || t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16;
+}
+
+/* A quantized storage type. */
+static int llmkv__dtype_quant(llmkv_dtype t) {
+    return t == LLMKV_DTYPE_Q8 || t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_FP8;
 }
 
 /* Converts n elements between the plain float types. Same type: a copy. */
@@ -865,6 +944,215 @@ static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dty
             else                        for (i = 0; i < n; ++i) d[i] = llmkv_f32_to_f16(llmkv_bf16_to_f32(s[i]));
         }
     }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Quantized storage (the formats are specified at llmkv_quantize)          */
+/* ------------------------------------------------------------------------ */
+
+#define LLMKV__QGROUP 32u /* elements per Q8 / Q4 group */
+
+static uint32_t llmkv__vec_data_bytes(llmkv_dtype t, uint32_t n) {
+    return t == LLMKV_DTYPE_Q4 ? (n + 1) / 2 : n * llmkv_dtype_size(t);
+}
+
+static uint32_t llmkv__vec_scale_bytes(llmkv_dtype t, uint32_t n) {
+    uint32_t g = (n + LLMKV__QGROUP - 1) / LLMKV__QGROUP;
+    return t == LLMKV_DTYPE_Q8 ? 2 * g : t == LLMKV_DTYPE_Q4 ? 4 * g : t == LLMKV_DTYPE_FP8 ? 4 : 0;
+}
+
+static uint16_t llmkv__ld_u16(const unsigned char* p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static void llmkv__st_u16(unsigned char* p, uint16_t v) { memcpy(p, &v, 2); }
+static float llmkv__ld_f32s(const unsigned char* p) { float v; memcpy(&v, p, 4); return v; }
+
+static int llmkv__finite(float x) { return (llmkv__f32_to_bits(x) & 0x7f800000u) != 0x7f800000u; }
+
+/* The Q8 scale of a group whose largest finite magnitude is a: stores its
+   F16 bits to *s16 and returns 1/s (0 when s is 0). */
+static float llmkv__q8_scale(float a, unsigned char* s16) {
+    float s;
+    a = a / 127.0f;
+    llmkv__st_u16(s16, llmkv_f32_to_f16(a < 65504.0f ? a : 65504.0f));
+    s = llmkv_f16_to_f32(llmkv__ld_u16(s16));
+    return s > 0.0f ? 1.0f / s : 0.0f;
+}
+
+/* The Q4 scale and minimum of a group with finite extremes lo <= hi:
+   stores (s, m) as F16 bits to sm[0..4), the minimum to *m, and returns
+   1/s (0 when s is 0). */
+static float llmkv__q4_scale(float lo, float hi, unsigned char* sm, float* m) {
+    float s;
+    lo = lo < -65504.0f ? -65504.0f : lo > 65504.0f ? 65504.0f : lo;
+    llmkv__st_u16(sm + 2, llmkv_f32_to_f16(lo));
+    *m = llmkv_f16_to_f32(llmkv__ld_u16(sm + 2));
+    s = (hi - *m) / 15.0f;
+    s = s < 0.0f ? 0.0f : s > 65504.0f ? 65504.0f : s;
+    llmkv__st_u16(sm, llmkv_f32_to_f16(s));
+    s = llmkv_f16_to_f32(llmkv__ld_u16(sm));
+    return s > 0.0f ? 1.0f / s : 0.0f;
+}
+
+/* The FP8 scale of a vector whose largest finite magnitude is a: stores it
+   to *s, returns 1/s (0 when s is 0). */
+static float llmkv__fp8_scale(float a, unsigned char* sc) {
+    float s = a > 0.0f ? (a / 448.0f > FLT_MIN ? a / 448.0f : FLT_MIN) : 0.0f;
+    memcpy(sc, &s, 4);
+    return s > 0.0f ? 1.0f / s : 0.0f;
+}
+
+/* (x - m) * inv with NaN inputs taken as 0, a NaN product (infinity times
+   a zero scale) as 0, clamped to [lo, hi]. */
+static float llmkv__q_arg(float x, float m, float inv, float lo, float hi) {
+    float y;
+    if (x != x) x = 0.0f;
+    y = (x - m) * inv;
+    if (y != y) y = 0.0f;
+    return y < lo ? lo : y > hi ? hi : y;
+}
+
+/* E4M3 code of y, |y| <= 448, rounded to nearest even. */
+static uint8_t llmkv__e4m3(float y) {
+    uint32_t u = llmkv__f32_to_bits(y), sign = (u >> 24) & 0x80u, c;
+    u &= 0x7fffffffu;
+    if (u < 0x3c800000u) { /* below 2^-6: subnormal codes m 2^-9, m <= 8 */
+        c = (uint32_t)rintf(llmkv__bits_to_f32(u) * 512.0f);
+    } else {
+        u += 0x7ffffu + ((u >> 20) & 1u);
+        c = (u >> 20) - (120u << 3);
+    }
+    return (uint8_t)(sign | c);
+}
+
+static float llmkv__e4m3_value(uint8_t c) {
+    uint32_t m = c & 0x7fu;
+    float v = m < 8 ? (float)m * (1.0f / 512.0f) : llmkv__bits_to_f32((m << 20) + 0x3c000000u);
+    return c & 0x80u ? -v : v;
+}
+
+/* Largest finite magnitude, and the finite extremes, of x[0 .. n). */
+static float llmkv__amax_finite(const float* x, uint32_t n) {
+    float a = 0.0f;
+    uint32_t i;
+    for (i = 0; i < n; ++i)
+        if (llmkv__finite(x[i]) && fabsf(x[i]) > a) a = fabsf(x[i]);
+    return a;
+}
+
+static void llmkv__range_finite(const float* x, uint32_t n, float* lo, float* hi) {
+    float a = INFINITY, b = -INFINITY;
+    uint32_t i;
+    for (i = 0; i < n; ++i)
+        if (llmkv__finite(x[i])) {
+            a = x[i] < a ? x[i] : a;
+            b = x[i] > b ? x[i] : b;
+        }
+    *lo = a <= b ? a : 0.0f;
+    *hi = a <= b ? b : 0.0f;
+}
+
+/* The encoding of elements [i0, n) of a vector whose scales are already
+   written (the scalar reference; SIMD paths encode a prefix and call this
+   for the rest). */
+static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint32_t n, unsigned char* data,
+                               const unsigned char* sc, const float* inv, const float* mins) {
+    uint32_t i;
+    for (i = i0; i < n; ++i) {
+        uint32_t g = i / LLMKV__QGROUP;
+        if (t == LLMKV_DTYPE_Q8) {
+            data[i] = (unsigned char)(int8_t)rintf(llmkv__q_arg(x[i], 0.0f, inv[g], -127.0f, 127.0f));
+        } else if (t == LLMKV_DTYPE_Q4) {
+            uint32_t c = (uint32_t)rintf(llmkv__q_arg(x[i], mins[g], inv[g], 0.0f, 15.0f));
+            if (i % 2 == 0) data[i / 2] = (unsigned char)c;
+            else data[i / 2] = (unsigned char)(data[i / 2] | c << 4);
+        } else {
+            data[i] = llmkv__e4m3(llmkv__q_arg(x[i], 0.0f, inv[0], -448.0f, 448.0f));
+        }
+    }
+    (void)sc;
+}
+
+/* Writes the scales of a quantized vector; inv[g] (and mins[g] for Q4)
+   receive each group's 1/s (and minimum). */
+static void llmkv__quant_scales(llmkv_dtype t, const float* x, uint32_t n, unsigned char* sc, float* inv, float* mins) {
+    uint32_t g, i0;
+    if (t == LLMKV_DTYPE_FP8) {
+        inv[0] = llmkv__fp8_scale(llmkv__amax_finite(x, n), sc);
+        return;
+    }
+    for (g = 0, i0 = 0; i0 < n; ++g, i0 += LLMKV__QGROUP) {
+        uint32_t len = n - i0 < LLMKV__QGROUP ? n - i0 : LLMKV__QGROUP;
+        if (t == LLMKV_DTYPE_Q8) {
+            inv[g] = llmkv__q8_scale(llmkv__amax_finite(x + i0, len), sc + 2 * g);
+        } else {
+            float lo, hi;
+            llmkv__range_finite(x + i0, len, &lo, &hi);
+            inv[g] = llmkv__q4_scale(lo, hi, sc + 4 * g, &mins[g]);
+        }
+    }
+}
+
+/* Element i of a quantized vector. */
+static float llmkv__q_value(llmkv_dtype t, const unsigned char* data, const unsigned char* sc, uint32_t i) {
+    uint32_t g = i / LLMKV__QGROUP;
+    if (t == LLMKV_DTYPE_Q8) return (float)(int8_t)data[i] * llmkv_f16_to_f32(llmkv__ld_u16(sc + 2 * g));
+    if (t == LLMKV_DTYPE_Q4)
+        return fmaf(llmkv_f16_to_f32(llmkv__ld_u16(sc + 4 * g)), (float)((data[i / 2] >> (4 * (i % 2))) & 15u),
+                    llmkv_f16_to_f32(llmkv__ld_u16(sc + 4 * g + 2)));
+    return llmkv__e4m3_value(data[i]) * llmkv__ld_f32s(sc);
+}
+
+/* Vector quantization (SIMD paths, defined with the kernels): encodes a
+   prefix of the vector whose scales quant_scales wrote, bit-identical to
+   llmkv__encode_tail, and returns its length. `paths`: the cache's
+   supported CPU paths. */
+static uint32_t llmkv__encode_simd(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data, const float* inv,
+                                   const float* mins, uint32_t paths);
+
+/* Quantizes one head vector (n <= 512) with the fastest path in `paths`
+   (0: scalar). */
+static void llmkv__quantize_vec(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data, unsigned char* sc,
+                                uint32_t paths) {
+    float inv[16], mins[16];
+    uint32_t done;
+    llmkv__quant_scales(t, x, n, sc, inv, mins);
+    done = paths ? llmkv__encode_simd(t, x, n, data, inv, mins, paths) : 0;
+    llmkv__encode_tail(t, x, done, n, data, sc, inv, mins);
+}
+
+static void llmkv__dequantize_vec(llmkv_dtype t, const unsigned char* data, const unsigned char* sc, uint32_t n,
+                                  float* out) {
+    uint32_t i;
+    for (i = 0; i < n; ++i) out[i] = llmkv__q_value(t, data, sc, i);
+}
+
+LLMKV_API llmkv_result llmkv_vector_bytes(llmkv_dtype dtype, uint32_t n, uint32_t* data_bytes, uint32_t* scale_bytes) {
+    int ok = (llmkv__dtype_valid(dtype) || llmkv__dtype_quant(dtype)) && n >= 1 && n <= 512;
+    if (data_bytes) *data_bytes = ok ? llmkv__vec_data_bytes(dtype, n) : 0;
+    if (scale_bytes) *scale_bytes = ok ? llmkv__vec_scale_bytes(dtype, n) : 0;
+    return ok ? LLMKV_OK : LLMKV_ERR_INVALID_ARGUMENT;
+}
+
+LLMKV_API llmkv_result llmkv_quantize(llmkv_dtype dtype, const float* x, uint32_t n, void* data, void* scales) {
+    if (!x || !data || n < 1 || n > 512) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (llmkv__dtype_valid(dtype)) {
+        llmkv__convert(data, dtype, x, LLMKV_DTYPE_F32, n, 0);
+        return LLMKV_OK;
+    }
+    if (!llmkv__dtype_quant(dtype) || !scales) return LLMKV_ERR_INVALID_ARGUMENT;
+    llmkv__quantize_vec(dtype, x, n, (unsigned char*)data, (unsigned char*)scales, 0);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_dequantize(llmkv_dtype dtype, const void* data, const void* scales, uint32_t n,
+                                        float* out) {
+    if (!out || !data || n < 1 || n > 512) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (llmkv__dtype_valid(dtype)) {
+        llmkv__convert(out, LLMKV_DTYPE_F32, data, dtype, n, 0);
+        return LLMKV_OK;
+    }
+    if (!llmkv__dtype_quant(dtype) || !scales) return LLMKV_ERR_INVALID_ARGUMENT;
+    llmkv__dequantize_vec(dtype, (const unsigned char*)data, (const unsigned char*)scales, n, out);
+    return LLMKV_OK;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -946,7 +1234,8 @@ static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
     }
     if (d->k_dtype == LLMKV_DTYPE_DEFAULT) d->k_dtype = LLMKV_DTYPE_F16;
     if (d->v_dtype == LLMKV_DTYPE_DEFAULT) d->v_dtype = LLMKV_DTYPE_F16;
-    if (!llmkv__dtype_valid(d->k_dtype) || !llmkv__dtype_valid(d->v_dtype)) {
+    if (!(llmkv__dtype_valid(d->k_dtype) || llmkv__dtype_quant(d->k_dtype)) ||
+        !(llmkv__dtype_valid(d->v_dtype) || llmkv__dtype_quant(d->v_dtype))) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage type (k %d, v %d)", (int)d->k_dtype, (int)d->v_dtype);
         return LLMKV_ERR_INVALID_ARGUMENT;
     }
@@ -971,14 +1260,19 @@ static void llmkv__part(llmkv_part_layout* p, llmkv_dtype t, const llmkv_desc* d
     p->dtype = t;
     p->elem_bytes = llmkv_dtype_size(t);
     p->offset = offset;
-    p->slot_stride = (uint64_t)d->head_dim * p->elem_bytes;
+    p->slot_stride = llmkv__vec_data_bytes(t, d->head_dim);
     p->head_stride = p->slot_stride * d->page_size;
     p->bytes = p->head_stride * d->n_kv_heads;
+    p->scale_slot_stride = llmkv__vec_scale_bytes(t, d->head_dim);
+    p->scale_head_stride = p->scale_slot_stride * d->page_size;
+    p->scale_bytes = p->scale_head_stride * d->n_kv_heads;
 }
 
-/* Page geometry of a validated descriptor. Cannot overflow: every factor is
-   bounded (2^9 * 4 * 2^10 * 2^16 * 2 regions * 2^16 layers < 2^63). */
+/* Page geometry of a validated descriptor: per layer, K data, V data, K
+   scales, V scales, each 64-byte aligned. Cannot overflow: every factor is
+   bounded (2^9 * 4 * 2^10 * 2^16 * 4 regions * 2^16 layers < 2^63). */
 static void llmkv__layout(const llmkv_desc* d, llmkv_layout* l) {
+    uint64_t end;
     memset(l, 0, sizeof *l);
     l->n_layers = d->n_layers;
     l->n_kv_heads = d->n_kv_heads;
@@ -986,8 +1280,25 @@ static void llmkv__layout(const llmkv_desc* d, llmkv_layout* l) {
     l->page_size = d->page_size;
     llmkv__part(&l->k, d->k_dtype, d, 0);
     llmkv__part(&l->v, d->v_dtype, d, llmkv__align_up(l->k.bytes, LLMKV__ALIGN));
-    l->layer_stride = llmkv__align_up(l->v.offset + l->v.bytes, LLMKV__ALIGN);
+    end = llmkv__align_up(l->v.offset + l->v.bytes, LLMKV__ALIGN);
+    if (l->k.scale_bytes) {
+        l->k.scale_offset = end;
+        end = llmkv__align_up(end + l->k.scale_bytes, LLMKV__ALIGN);
+    }
+    if (l->v.scale_bytes) {
+        l->v.scale_offset = end;
+        end = llmkv__align_up(end + l->v.scale_bytes, LLMKV__ALIGN);
+    }
+    l->layer_stride = end;
     l->page_bytes = l->layer_stride * d->n_layers;
+}
+
+LLMKV_API double llmkv_bytes_per_token(const llmkv_desc* desc) {
+    llmkv_desc d;
+    llmkv_layout l;
+    if (!desc || llmkv__desc_shape(desc, &d) != LLMKV_OK) return 0.0;
+    llmkv__layout(&d, &l);
+    return (double)l.page_bytes / (double)l.page_size;
 }
 
 LLMKV_API llmkv_result llmkv_layout_for(const llmkv_desc* desc, llmkv_layout* out) {
@@ -1380,10 +1691,14 @@ static void llmkv__page_copy(llmkv_cache* kv, uint32_t src, uint32_t dst, uint32
             for (part = 0; part < 2; ++part) {
                 const llmkv_part_layout* pl = part ? &l->v : &l->k;
                 uint64_t base = layer * l->layer_stride + pl->offset;
+                uint64_t sbase = layer * l->layer_stride + pl->scale_offset;
                 for (h = 0; h < l->n_kv_heads; ++h) {
-                    uint64_t off = base + h * pl->head_stride;
+                    uint64_t off = base + h * pl->head_stride, soff = sbase + h * pl->scale_head_stride;
                     memcpy(kv->pool + dst * l->page_bytes + off, kv->pool + src * l->page_bytes + off,
                            (size_t)(n_slots * pl->slot_stride));
+                    if (pl->scale_slot_stride)
+                        memcpy(kv->pool + dst * l->page_bytes + soff, kv->pool + src * l->page_bytes + soff,
+                               (size_t)(n_slots * pl->scale_slot_stride));
                 }
             }
         }
@@ -1561,6 +1876,14 @@ LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t
     return llmkv_reserve_many(cache, &seq, &n_tokens, 1);
 }
 
+/* The type gather writes for a part stored as `stored` when asked for
+   `asked`: DEFAULT keeps float storage as it is and gives F32 for the
+   quantized types. */
+static llmkv_dtype llmkv__gather_type(llmkv_dtype stored, llmkv_dtype asked) {
+    if (asked != LLMKV_DTYPE_DEFAULT) return asked;
+    return llmkv__dtype_quant(stored) ? LLMKV_DTYPE_F32 : stored;
+}
+
 /* Checks a token-row buffer argument; 0 stride means packed rows. */
 static llmkv_result llmkv__rows(const void* p, size_t* stride, size_t row_bytes, llmkv_dtype t) {
     if (!p) return LLMKV_OK;
@@ -1606,15 +1929,25 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
         const llmkv_part_layout* pl = part ? &l->v : &l->k;
         const unsigned char* src = (const unsigned char*)(part ? v : k);
         size_t stride = part ? v_stride : k_stride;
+        int quant = llmkv__dtype_quant(pl->dtype);
         if (!src) continue;
         for (i = 0; i < n_tokens; ++i) {
             uint32_t pos = first + i;
-            unsigned char* dst = cache->pool + t[pos / l->page_size] * l->page_bytes + layer * l->layer_stride +
-                                 pl->offset + (pos % l->page_size) * pl->slot_stride;
+            unsigned char* page = cache->pool + t[pos / l->page_size] * l->page_bytes + layer * l->layer_stride;
+            unsigned char* dst = page + pl->offset + (pos % l->page_size) * pl->slot_stride;
+            unsigned char* sc = page + pl->scale_offset + (pos % l->page_size) * pl->scale_slot_stride;
             const unsigned char* row_src = src + i * stride;
-            for (h = 0; h < l->n_kv_heads; ++h)
-                llmkv__convert(dst + h * pl->head_stride, pl->dtype, row_src + (size_t)h * l->head_dim * elem,
-                               src_dtype, l->head_dim, simd);
+            for (h = 0; h < l->n_kv_heads; ++h) {
+                const unsigned char* hs = row_src + (size_t)h * l->head_dim * elem;
+                if (quant) {
+                    float x[512];
+                    llmkv__convert(x, LLMKV_DTYPE_F32, hs, src_dtype, l->head_dim, simd);
+                    llmkv__quantize_vec(pl->dtype, x, l->head_dim, dst + h * pl->head_stride,
+                                        sc + h * pl->scale_head_stride, cache->cpu_paths);
+                } else {
+                    llmkv__convert(dst + h * pl->head_stride, pl->dtype, hs, src_dtype, l->head_dim, simd);
+                }
+            }
         }
     }
     return LLMKV_OK;
@@ -1638,7 +1971,7 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
     if (layer >= l->n_layers || pos > s->length || n_tokens > s->length - pos) return LLMKV_ERR_OUT_OF_RANGE;
     for (part = 0; part < 2; ++part) {
         const llmkv_part_layout* pl = part ? &l->v : &l->k;
-        llmkv_dtype out_t = dst_dtype == LLMKV_DTYPE_DEFAULT ? pl->dtype : dst_dtype;
+        llmkv_dtype out_t = llmkv__gather_type(pl->dtype, dst_dtype);
         size_t row = (size_t)l->n_kv_heads * l->head_dim * llmkv_dtype_size(out_t);
         if ((r = llmkv__rows(part ? v : k, part ? &v_stride : &k_stride, row, out_t)) != LLMKV_OK) return r;
     }
@@ -1646,18 +1979,28 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
     t = llmkv__table(cache, slot);
     for (part = 0; part < 2; ++part) {
         const llmkv_part_layout* pl = part ? &l->v : &l->k;
-        llmkv_dtype out_t = dst_dtype == LLMKV_DTYPE_DEFAULT ? pl->dtype : dst_dtype;
+        llmkv_dtype out_t = llmkv__gather_type(pl->dtype, dst_dtype);
         size_t out_head = (size_t)l->head_dim * llmkv_dtype_size(out_t);
         unsigned char* dst = (unsigned char*)(part ? v : k);
         size_t stride = part ? v_stride : k_stride;
+        int quant = llmkv__dtype_quant(pl->dtype);
         if (!dst) continue;
         for (i = 0; i < n_tokens; ++i) {
             uint32_t p = pos + i;
-            const unsigned char* src = cache->pool + t[p / l->page_size] * l->page_bytes +
-                                       layer * l->layer_stride + pl->offset + (p % l->page_size) * pl->slot_stride;
-            for (h = 0; h < l->n_kv_heads; ++h)
-                llmkv__convert(dst + i * stride + h * out_head, out_t, src + h * pl->head_stride, pl->dtype,
-                               l->head_dim, simd);
+            const unsigned char* page = cache->pool + t[p / l->page_size] * l->page_bytes + layer * l->layer_stride;
+            const unsigned char* src = page + pl->offset + (p % l->page_size) * pl->slot_stride;
+            const unsigned char* sc = page + pl->scale_offset + (p % l->page_size) * pl->scale_slot_stride;
+            for (h = 0; h < l->n_kv_heads; ++h) {
+                unsigned char* out = dst + i * stride + h * out_head;
+                if (quant) {
+                    float x[512];
+                    llmkv__dequantize_vec(pl->dtype, src + h * pl->head_stride, sc + h * pl->scale_head_stride,
+                                          l->head_dim, x);
+                    llmkv__convert(out, out_t, x, LLMKV_DTYPE_F32, l->head_dim, simd);
+                } else {
+                    llmkv__convert(out, out_t, src + h * pl->head_stride, pl->dtype, l->head_dim, simd);
+                }
+            }
         }
     }
     return LLMKV_OK;
@@ -2103,7 +2446,6 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
 #define LLMKV__NEON 1
 #include <arm_neon.h>
 #endif
-#include <math.h>
 
 #ifdef LLMKV__X86
 static uint64_t llmkv__xgetbv0(void) {
@@ -2193,7 +2535,8 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 /*                                                                          */
 /* Each path provides three primitives over J keys (at most a chunk of 64;  */
 /* the driver passes one page's keys at a time), given as row pointers plus */
-/* a byte offset (the offset picks the KV head):                            */
+/* a byte offset (the offset picks the KV head), and the rows of their     */
+/* scales the same way (quantized types; the others ignore them):          */
 /*   qk:  S[m][j] = Q[m] . K[j]           for M query rows (already scaled) */
 /*   pv:  A[m][:] += sum_j P[m][j] V[j]   the weighted sum of values        */
 /*   ex:  x[i] = exp(x[i] - sub), returning the sum (exp(-inf) is 0)        */
@@ -2213,19 +2556,21 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
                                        up to 15 scores past a part's end */
 #define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
 
-typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, uint32_t J,
-                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf);
+typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
+                             const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
+                             const unsigned char* const* pf, uint32_t npf);
 typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D, const unsigned char* const* v, size_t voff,
-                             uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf);
+                             const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc,
+                             const unsigned char* const* pf, uint32_t npf);
 typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
 typedef float (*llmkv__max_fn)(const float* x, uint32_t n);
 
 typedef struct llmkv__kernels {
-    llmkv__qk_fn qk[3]; /* by storage type: F32, F16, BF16 */
-    llmkv__pv_fn pv[3];
+    llmkv__qk_fn qk[6]; /* by storage type: F32, F16, BF16, Q8, Q4, FP8 */
+    llmkv__pv_fn pv[6];
     llmkv__ex_fn ex;
     llmkv__max_fn max; /* max of n >= 1 scores (-inf allowed) */
-    int q_bf16[3];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
+    int q_bf16[6];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
 } llmkv__kernels;
 
 /* Asks for n rows (each at `offset` from its pointer) to be brought into the
@@ -2242,35 +2587,60 @@ static void llmkv__prefetch_rows(const unsigned char* const* rows, uint32_t n, u
 
 /* --- scalar reference ---------------------------------------------------- */
 
-static float llmkv__ld_f32(const unsigned char* p, uint32_t i) { float f; memcpy(&f, p + 4 * (size_t)i, 4); return f; }
-static float llmkv__ld_f16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_f16_to_f32(h); }
-static float llmkv__ld_bf16(const unsigned char* p, uint32_t i) { uint16_t h; memcpy(&h, p + 2 * (size_t)i, 2); return llmkv_bf16_to_f32(h); }
+/* Element i of a stored vector p with scales sc. */
+static float llmkv__ld_f32(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    (void)sc;
+    return llmkv__ld_f32s(p + 4 * (size_t)i);
+}
+static float llmkv__ld_f16(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    (void)sc;
+    return llmkv_f16_to_f32(llmkv__ld_u16(p + 2 * (size_t)i));
+}
+static float llmkv__ld_bf16(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    (void)sc;
+    return llmkv_bf16_to_f32(llmkv__ld_u16(p + 2 * (size_t)i));
+}
+static float llmkv__ld_q8(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    return llmkv__q_value(LLMKV_DTYPE_Q8, p, sc, i);
+}
+static float llmkv__ld_q4(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    return llmkv__q_value(LLMKV_DTYPE_Q4, p, sc, i);
+}
+static float llmkv__ld_fp8(const unsigned char* p, const unsigned char* sc, uint32_t i) {
+    return llmkv__q_value(LLMKV_DTYPE_FP8, p, sc, i);
+}
 
-#define LLMKV__SCALAR_KERNELS(SUFFIX, LD, ES)                                                                     \
-    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,   \
-                                          uint32_t J, float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                        \
+#define LLMKV__SCALAR_KERNELS(SUFFIX, LD, TY)                                                                     \
+    static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,     \
+                                          size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,   \
+                                          float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {    \
         uint32_t m, j, d;                                                                                        \
-        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), koff);                                       \
         for (j = 0; j < J; ++j)                                                                                  \
             for (m = 0; m < M; ++m) {                                                                            \
                 float s = 0.0f;                                                                                  \
-                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD((k[j] + koff), d);                           \
+                for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k[j] + koff, ks[j] + ksoff, d);            \
                 S[(size_t)m * sj + j] = s;                                                                       \
             }                                                                                                    \
     }                                                                                                            \
     static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
-                                          const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {           \
+                                          const unsigned char* const* v, size_t voff, const unsigned char* const* vs, \
+                                          size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf,     \
+                                          uint32_t npf) {                                                        \
         uint32_t m, j, d;                                                                                        \
-        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), voff);                                       \
         for (j = 0; j < J; ++j)                                                                                  \
             for (d = 0; d < D; ++d) {                                                                            \
-                float x = LD((v[j] + voff), d);                                                                     \
+                float x = LD(v[j] + voff, vs[j] + vsoff, d);                                                     \
                 for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
             }                                                                                                    \
     }
-LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32, 4)
-LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16, 2)
-LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16, 2)
+LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
+LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
+LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
+LLMKV__SCALAR_KERNELS(q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
+LLMKV__SCALAR_KERNELS(q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
+LLMKV__SCALAR_KERNELS(fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
 
 static float llmkv__max_scalar(const float* x, uint32_t n) {
     float m = x[0];
@@ -2344,19 +2714,59 @@ static LLMKV__T256 uint32_t llmkv__convert_avx2(void* dst, llmkv_dtype dt, const
 /* 16 elements per vector; the last partial vector of a row uses a mask, so
    nothing past head_dim is read. */
 
-static LLMKV__T512 __m512 llmkv__z_f32(__mmask16 m, const unsigned char* p) {
-    return _mm512_maskz_loadu_ps(m, p);
+/* Elements [c, c + 16) of a stored vector p with scales sc; the masked
+   forms read only the lanes of m (a prefix) and zero the others. */
+static LLMKV__T512 __m512 llmkv__z_f32(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_maskz_loadu_ps(m, p + 4 * (size_t)c);
 }
-static LLMKV__T512 __m512 llmkv__z_f16(__mmask16 m, const unsigned char* p) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+static LLMKV__T512 __m512 llmkv__z_f16(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p + 2 * (size_t)c));
 }
-static LLMKV__T512 __m512 llmkv__z_bf16(__mmask16 m, const unsigned char* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+static LLMKV__T512 __m512 llmkv__z_bf16(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p + 2 * (size_t)c)), 16));
+}
+/* An F16 value broadcast to every lane. */
+static LLMKV__T512 __m512 llmkv__z_f16_bcast(const unsigned char* h) {
+    return _mm512_cvtph_ps(_mm256_set1_epi16((short)llmkv__ld_u16(h)));
+}
+/* 16 E4M3 codes (in 32-bit lanes) to their values. */
+static LLMKV__T512 __m512 llmkv__z_e4m3(__m512i code) {
+    __m512i m7 = _mm512_and_si512(code, _mm512_set1_epi32(0x7f));
+    __m512 nrm = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(m7, 20), _mm512_set1_epi32(0x3c000000)));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m7), _mm512_set1_ps(1.0f / 512.0f));
+    __m512 v = _mm512_mask_blend_ps(_mm512_cmplt_epu32_mask(m7, _mm512_set1_epi32(8)), nrm, sub);
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v),
+                                                _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24)));
+}
+static LLMKV__T512 __m512 llmkv__z_q8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p + c)));
+    return _mm512_mul_ps(x, llmkv__z_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
+}
+static LLMKV__T512 __m512 llmkv__z_q4(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    uint32_t n = (uint32_t)__builtin_popcount((unsigned)m);
+    __m128i b = _mm_maskz_loadu_epi8((__mmask16)((1u << (n + 1) / 2) - 1), p + c / 2);
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    return _mm512_maskz_mov_ps(m, _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2)));
+}
+static LLMKV__T512 __m512 llmkv__z_fp8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m512 x = llmkv__z_e4m3(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p + c)));
+    return _mm512_mul_ps(x, _mm512_set1_ps(llmkv__ld_f32s(sc)));
 }
 
 static LLMKV__T512 float llmkv__hsum512(__m512 v) {
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
     return llmkv__hsum256(h);
+}
+
+/* Byte offset of element c (even for Q4) in a stored vector of type t. */
+static size_t llmkv__boff(llmkv_dtype t, uint32_t c) {
+    return t == LLMKV_DTYPE_F32 ? 4 * (size_t)c
+         : t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16 ? 2 * (size_t)c : t == LLMKV_DTYPE_Q4 ? c / 2 : c;
 }
 
 /* Rows per kernel block: 4 while at least four remain, then 2, then 1. */
@@ -2386,12 +2796,33 @@ static void llmkv__block_rows(const unsigned char* const* rows, uint32_t n, uint
 #endif
 #define LLMKV__I512 static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
-static LLMKV__T512 __m512 llmkv__z16_f32(const unsigned char* p) { return _mm512_loadu_ps(p); }
-static LLMKV__T512 __m512 llmkv__z16_f16(const unsigned char* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)p));
+static LLMKV__T512 __m512 llmkv__z16_f32(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_loadu_ps(p + 4 * (size_t)c);
 }
-static LLMKV__T512 __m512 llmkv__z16_bf16(const unsigned char* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)p)), 16));
+static LLMKV__T512 __m512 llmkv__z16_f16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(const void*)(p + 2 * (size_t)c)));
+}
+static LLMKV__T512 __m512 llmkv__z16_bf16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(p + 2 * (size_t)c))), 16));
+}
+static LLMKV__T512 __m512 llmkv__z16_q8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p + c))));
+    return _mm512_mul_ps(x, llmkv__z_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
+}
+static LLMKV__T512 __m512 llmkv__z16_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m128i b = _mm_loadl_epi64((const __m128i*)(const void*)(p + c / 2));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    return _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
+}
+static LLMKV__T512 __m512 llmkv__z16_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m512 x = llmkv__z_e4m3(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p + c))));
+    return _mm512_mul_ps(x, _mm512_set1_ps(llmkv__ld_f32s(sc)));
 }
 
 /* Lane n of the result is the sum of the lanes of x[n]. */
@@ -2428,24 +2859,27 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
     }
 }
 
-/* One QK block: rows q (D floats apart), keys kr[0 .. 16/R). */
-#define LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                   \
-    LLMKV__I512 __m512 llmkv__qkb_##SUFFIX(const float* q, uint32_t D, const unsigned char* const* kr, uint32_t R,  \
+/* One QK block: rows q (D floats apart), keys kr[0 .. 16/R) with scale
+   rows kc. */
+#define LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                   \
+    LLMKV__I512 __m512 llmkv__qkb_##SUFFIX(const float* q, uint32_t D, const unsigned char* const* kr,             \
+                                           const unsigned char* const* kc, uint32_t R,                              \
                                            const unsigned char* const* pr) {                                        \
         __m512 a[16], kv[16], qv[4];                                                                                \
         uint32_t KB = 16 / R, c, r, i;                                                                              \
         LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();                                          \
         for (c = 0; c + 16 <= D; c += 16) {                                                                         \
-            if (pr && ((size_t)c * ES) % 64 == 0)                                                                   \
-                LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + (size_t)c * ES, _MM_HINT_T1); \
-            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LD16(kr[i] + (size_t)c * ES);                           \
+            if (pr && llmkv__boff(TY, c) % 64 == 0)                                                                 \
+                LLMKV__UNROLL for (i = 0; i < KB; ++i)                                                              \
+                    _mm_prefetch((const char*)pr[i] + llmkv__boff(TY, c), _MM_HINT_T1);                             \
+            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LD16(kr[i], kc[i], c);                                   \
             LLMKV__UNROLL for (r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(q + (size_t)r * D + c);                  \
             LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                   \
                 LLMKV__UNROLL for (i = 0; i < KB; ++i) a[r * KB + i] = _mm512_fmadd_ps(qv[r], kv[i], a[r * KB + i]); \
         }                                                                                                           \
         if (c < D) {                                                                                                \
             __mmask16 mk = (__mmask16)((1u << (D - c)) - 1);                                                        \
-            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LDM(mk, kr[i] + (size_t)c * ES);                        \
+            LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LDM(mk, kr[i], kc[i], c);                                \
             LLMKV__UNROLL for (r = 0; r < R; ++r) qv[r] = _mm512_maskz_loadu_ps(mk, q + (size_t)r * D + c);        \
             LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                   \
                 LLMKV__UNROLL for (i = 0; i < KB; ++i) a[r * KB + i] = _mm512_fmadd_ps(qv[r], kv[i], a[r * KB + i]); \
@@ -2453,12 +2887,14 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
         return llmkv__reduce16(a);                                                                                  \
     }
 
-/* One PV block: R rows of acc (D floats apart), NB column blocks from
-   column c0, the last one masked by `last`; every key of the part. */
-#define LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                   \
+/* One PV block: R rows of acc (D floats apart, already at column c0), NB
+   column blocks from column c0, the last one masked by `last`; every key
+   of the part. */
+#define LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                   \
     LLMKV__I512 void llmkv__pvb_##SUFFIX(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v,   \
-                                         size_t voff, uint32_t J, float* acc, uint32_t R, uint32_t NB,              \
-                                         __mmask16 last, const unsigned char* const* pf, uint32_t npf) {            \
+                                         size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t c0,    \
+                                         uint32_t J, float* acc, uint32_t R, uint32_t NB, __mmask16 last,           \
+                                         const unsigned char* const* pf, uint32_t npf) {                            \
         __m512 a[16], vv[4];                                                                                        \
         uint32_t j, r, i;                                                                                           \
         LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                       \
@@ -2466,12 +2902,12 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                 a[r * NB + i] = _mm512_maskz_loadu_ps(i + 1 == NB ? last : (__mmask16)0xffffu,                      \
                                                       acc + (size_t)r * D + 16 * i);                                \
         for (j = 0; j < J; ++j) {                                                                                   \
-            const unsigned char* row = v[j] + voff;                                                                 \
+            const unsigned char *row = v[j] + voff, *sc = vs[j] + vsoff;                                            \
             if (j < npf)                                                                                            \
-                LLMKV__UNROLL for (i = 0; i < NB * 16 * ES; i += 64)                                                \
-                    _mm_prefetch((const char*)pf[j] + voff + i, _MM_HINT_T1);                                       \
-            LLMKV__UNROLL for (i = 0; i + 1 < NB; ++i) vv[i] = LD16(row + (size_t)16 * i * ES);                     \
-            vv[NB - 1] = LDM(last, row + (size_t)16 * (NB - 1) * ES);                                               \
+                LLMKV__UNROLL for (i = 0; i < llmkv__boff(TY, NB * 16); i += 64)                                    \
+                    _mm_prefetch((const char*)pf[j] + voff + llmkv__boff(TY, c0) + i, _MM_HINT_T1);                 \
+            LLMKV__UNROLL for (i = 0; i + 1 < NB; ++i) vv[i] = LD16(row, sc, c0 + 16 * i);                          \
+            vv[NB - 1] = LDM(last, row, sc, c0 + 16 * (NB - 1));                                                    \
             LLMKV__UNROLL for (r = 0; r < R; ++r) {                                                                 \
                 __m512 p = _mm512_set1_ps(P[(size_t)r * sj + j]);                                                   \
                 LLMKV__UNROLL for (i = 0; i < NB; ++i) a[r * NB + i] = _mm512_fmadd_ps(p, vv[i], a[r * NB + i]);    \
@@ -2483,14 +2919,19 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                                       a[r * NB + i]);                                                               \
     }
 
+#define LLMKV__PVB_CALL(SUFFIX, R, NB)                                                                              \
+    llmkv__pvb_##SUFFIX(Pm, sj, D, v, voff, vs, vsoff, c, J, am + c, R, NB, last, pfm, npfm)
+
 /* The kernels proper: rows in blocks of 4, then 2, then 1. */
-#define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, ES)                                                                \
-    LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                       \
-    LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, ES)                                                                       \
+#define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, TY)                                                                \
+    LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                       \
+    LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                       \
     static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
-                                                      const unsigned char* const* k, size_t koff, uint32_t J,       \
-                                                      float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                                      \
-        const unsigned char *kr[16], *pr[16];                                                                       \
+                                                      const unsigned char* const* k, size_t koff,                   \
+                                                      const unsigned char* const* ks, size_t ksoff, uint32_t J,     \
+                                                      float* S, uint32_t sj, const unsigned char* const* pf,        \
+                                                      uint32_t npf) {                                               \
+        const unsigned char *kr[16], *kc[16], *pr[16];                                                              \
         uint32_t m = 0, j, R, KB;                                                                                   \
         while (m < M) {                                                                                             \
             R = llmkv__row_block(M - m);                                                                            \
@@ -2500,17 +2941,19 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                 const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;                                    \
                 __m512 s;                                                                                           \
                 llmkv__block_rows(k, J, j, KB, koff, kr);                                                           \
+                llmkv__block_rows(ks, J, j, KB, ksoff, kc);                                                         \
                 if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);                                               \
-                s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, 4, prj)                                                 \
-                           : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, 2, prj)                                        \
-                                    : llmkv__qkb_##SUFFIX(qm, D, kr, 1, prj);                                       \
+                s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, kc, 4, prj)                                             \
+                           : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, kc, 2, prj)                                    \
+                                    : llmkv__qkb_##SUFFIX(qm, D, kr, kc, 1, prj);                                   \
                 llmkv__store_scores(s, S + (size_t)m * sj + j, sj, R);                                              \
             }                                                                                                       \
             m += R;                                                                                                 \
         }                                                                                                           \
     }                                                                                                               \
     static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,         \
-                                                      const unsigned char* const* v, size_t voff, uint32_t J,       \
+                                                      const unsigned char* const* v, size_t voff,                   \
+                                                      const unsigned char* const* vs, size_t vsoff, uint32_t J,     \
                                                       float* acc, const unsigned char* const* pf, uint32_t npf) {   \
         uint32_t m = 0, c, R, NB;                                                                                   \
         while (m < M) {                                                                                             \
@@ -2522,29 +2965,31 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
             for (c = 0; c < D; c += 64) {                                                                           \
                 uint32_t left = D - c < 64 ? D - c : 64, tail = left % 16;                                          \
                 __mmask16 last = (__mmask16)(tail ? (1u << tail) - 1 : 0xffffu);                                    \
-                size_t off = voff + (size_t)c * ES;                                                                 \
                 NB = (left + 15) / 16;                                                                              \
                 switch (R * 4 + NB) {                                                                               \
-                case 20: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 4, last, pfm, npfm); break;                     \
-                case 19: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 3, last, pfm, npfm); break;                     \
-                case 18: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 2, last, pfm, npfm); break;                     \
-                case 17: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 4, 1, last, pfm, npfm); break;                     \
-                case 12: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 4, last, pfm, npfm); break;                     \
-                case 11: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 3, last, pfm, npfm); break;                     \
-                case 10: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 2, last, pfm, npfm); break;                     \
-                case 9: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 2, 1, last, pfm, npfm); break;                      \
-                case 8: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 4, last, pfm, npfm); break;                      \
-                case 7: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 3, last, pfm, npfm); break;                      \
-                case 6: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 2, last, pfm, npfm); break;                      \
-                default: llmkv__pvb_##SUFFIX(Pm, sj, D, v, off, J, am + c, 1, 1, last, pfm, npfm); break;                     \
+                case 20: LLMKV__PVB_CALL(SUFFIX, 4, 4); break;                                                      \
+                case 19: LLMKV__PVB_CALL(SUFFIX, 4, 3); break;                                                      \
+                case 18: LLMKV__PVB_CALL(SUFFIX, 4, 2); break;                                                      \
+                case 17: LLMKV__PVB_CALL(SUFFIX, 4, 1); break;                                                      \
+                case 12: LLMKV__PVB_CALL(SUFFIX, 2, 4); break;                                                      \
+                case 11: LLMKV__PVB_CALL(SUFFIX, 2, 3); break;                                                      \
+                case 10: LLMKV__PVB_CALL(SUFFIX, 2, 2); break;                                                      \
+                case 9: LLMKV__PVB_CALL(SUFFIX, 2, 1); break;                                                       \
+                case 8: LLMKV__PVB_CALL(SUFFIX, 1, 4); break;                                                       \
+                case 7: LLMKV__PVB_CALL(SUFFIX, 1, 3); break;                                                       \
+                case 6: LLMKV__PVB_CALL(SUFFIX, 1, 2); break;                                                       \
+                default: LLMKV__PVB_CALL(SUFFIX, 1, 1); break;                                                      \
                 }                                                                                                   \
             }                                                                                                       \
             m += R;                                                                                                 \
         }                                                                                                           \
     }
-LLMKV__AVX512_KERNELS(f32, llmkv__z16_f32, llmkv__z_f32, 4)
-LLMKV__AVX512_KERNELS(f16, llmkv__z16_f16, llmkv__z_f16, 2)
-LLMKV__AVX512_KERNELS(bf16, llmkv__z16_bf16, llmkv__z_bf16, 2)
+LLMKV__AVX512_KERNELS(f32, llmkv__z16_f32, llmkv__z_f32, LLMKV_DTYPE_F32)
+LLMKV__AVX512_KERNELS(f16, llmkv__z16_f16, llmkv__z_f16, LLMKV_DTYPE_F16)
+LLMKV__AVX512_KERNELS(bf16, llmkv__z16_bf16, llmkv__z_bf16, LLMKV_DTYPE_BF16)
+LLMKV__AVX512_KERNELS(q8, llmkv__z16_q8, llmkv__z_q8, LLMKV_DTYPE_Q8)
+LLMKV__AVX512_KERNELS(q4, llmkv__z16_q4, llmkv__z_q4, LLMKV_DTYPE_Q4)
+LLMKV__AVX512_KERNELS(fp8, llmkv__z16_fp8, llmkv__z_fp8, LLMKV_DTYPE_FP8)
 
 /* --- AVX-512 with BF16 dot products ---------------------------------------- */
 /* For BF16 K and V only: vdpbf16ps multiplies pairs of BF16 values and adds
@@ -2592,11 +3037,13 @@ LLMKV__I512BF __m512 llmkv__qkb_dp(const uint16_t* qb, uint32_t Dp, uint32_t D, 
 /* q: the rows as BF16 high and low parts (see llmkv__qkb_dp and
    llmkv__attend_unit). */
 static LLMKV__T512BF void llmkv__qk_avx512bf_bf16(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
-                                                  size_t koff, uint32_t J, float* S, uint32_t sj,
-                                                  const unsigned char* const* pf, uint32_t npf) {
+                                                  size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
+                                                  float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
     const uint16_t* qb = (const uint16_t*)(const void*)q;
     const unsigned char *kr[16], *pr[16];
     uint32_t m = 0, j, R, KB, Dp = (D + 31) / 32 * 32;
+    (void)ks;
+    (void)ksoff;
     while (m < M) {
         R = llmkv__row_block(M - m);
         KB = 16 / R;
@@ -2674,10 +3121,13 @@ LLMKV__I512BF void llmkv__pvb_dp(const uint16_t* Pb, uint32_t Jp, uint32_t D, co
 }
 
 static LLMKV__T512BF void llmkv__pv_avx512bf_bf16(const float* P, uint32_t sj, uint32_t M, uint32_t D,
-                                                  const unsigned char* const* v, size_t voff, uint32_t J, float* acc,
+                                                  const unsigned char* const* v, size_t voff,
+                                                  const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc,
                                                   const unsigned char* const* pf, uint32_t npf) {
     uint16_t Pb[LLMKV__ATTN_HEAD_ROWS * (LLMKV__ATTN_CHUNK + 16)];
     uint32_t Jp = (J + 15) / 16 * 16, m, j, c, R, NP;
+    (void)vs;
+    (void)vsoff;
     /* The weights in BF16, rounded to nearest even, zero past J. */
     for (m = 0; m < M; ++m)
         for (j = 0; j < Jp; j += 16) {
@@ -2757,35 +3207,70 @@ static LLMKV__T512 float llmkv__ex_avx512(float* x, uint32_t n, float sub) {
 /* --- AVX2 + FMA + F16C ----------------------------------------------------- */
 /* 8 elements per vector; a row's tail past the last full vector is scalar. */
 
-static LLMKV__T256 __m256 llmkv__y_f32(const unsigned char* p) { return _mm256_loadu_ps((const float*)(const void*)p); }
-static LLMKV__T256 __m256 llmkv__y_f16(const unsigned char* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)p));
+/* Elements [c, c + 8) of a stored vector p with scales sc. */
+static LLMKV__T256 __m256 llmkv__y_f32(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm256_loadu_ps((const float*)(const void*)(p + 4 * (size_t)c));
 }
-static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)p)), 16));
+static LLMKV__T256 __m256 llmkv__y_f16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(const void*)(p + 2 * (size_t)c)));
+}
+static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p + 2 * (size_t)c))), 16));
+}
+static LLMKV__T256 __m256 llmkv__y_f16_bcast(const unsigned char* h) {
+    return _mm256_cvtph_ps(_mm_set1_epi16((short)llmkv__ld_u16(h)));
+}
+static LLMKV__T256 __m256 llmkv__y_q8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p + c))));
+    return _mm256_mul_ps(x, llmkv__y_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
+}
+static LLMKV__T256 __m256 llmkv__y_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    int32_t w;
+    __m128i b, lo, hi;
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    memcpy(&w, p + c / 2, 4);
+    b = _mm_cvtsi32_si128(w);
+    lo = _mm_and_si128(b, _mm_set1_epi8(15));
+    hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))), llmkv__y_f16_bcast(g),
+                           llmkv__y_f16_bcast(g + 2));
+}
+static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p + c)));
+    __m256i m7 = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
+    __m256 nrm = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(m7, 20), _mm256_set1_epi32(0x3c000000)));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m7), _mm256_set1_ps(1.0f / 512.0f));
+    __m256 v = _mm256_blendv_ps(nrm, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), m7)));
+    v = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v),
+                                             _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24)));
+    return _mm256_mul_ps(v, _mm256_set1_ps(llmkv__ld_f32s(sc)));
 }
 
-#define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
+#define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, TY)                                                                  \
     static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
-                                                    const unsigned char* const* k, size_t koff, uint32_t J, float* S,      \
+                                                    const unsigned char* const* k, size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S,      \
                                                     uint32_t sj, const unsigned char* const* pf, uint32_t npf) {  \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
-        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), koff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = (k[j] + koff);                                                             \
+                const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
-                    __m256 kv = LD(kr + (size_t)c * 8 * ES);                                                      \
+                    __m256 kv = LD(kr, kc, c * 8);                                                      \
                     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c * 8), kv, a0);                                    \
                     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + c * 8), kv, a1);                                \
                     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + c * 8), kv, a2);                            \
                     a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + c * 8), kv, a3);                            \
                 }                                                                                                 \
                 for (d = n * 8; d < D; ++d) {                                                                     \
-                    float x = LDS(kr, d);                                                                         \
+                    float x = LDS(kr, kc, d);                                                                         \
                     t0 += q0[d] * x; t1 += q0[D + d] * x; t2 += q0[2 * D + d] * x; t3 += q0[3 * D + d] * x;       \
                 }                                                                                                 \
                 S[(size_t)m * sj + j] = llmkv__hsum256(a0) + t0;                                                  \
@@ -2797,20 +3282,20 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = (k[j] + koff);                                                             \
+                const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 __m256 a0 = _mm256_setzero_ps();                                                                  \
                 float t0 = 0;                                                                                     \
                 for (c = 0; c < n; ++c)                                                                           \
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c * 8), LD(kr + (size_t)c * 8 * ES), a0);           \
-                for (d = n * 8; d < D; ++d) t0 += q0[d] * LDS(kr, d);                                             \
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c * 8), LD(kr, kc, c * 8), a0);           \
+                for (d = n * 8; d < D; ++d) t0 += q0[d] * LDS(kr, kc, d);                                             \
                 S[(size_t)m * sj + j] = llmkv__hsum256(a0) + t0;                                                  \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
-                                                    const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) { \
+                                                    const unsigned char* const* v, size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) { \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
-        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), voff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
@@ -2818,7 +3303,7 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8), a1 = _mm256_loadu_ps(o0 + D + c * 8);                   \
                 __m256 a2 = _mm256_loadu_ps(o0 + 2 * D + c * 8), a3 = _mm256_loadu_ps(o0 + 3 * D + c * 8);       \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    __m256 vv = LD((v[j] + voff) + (size_t)c * 8 * ES);                                              \
+                    __m256 vv = LD(v[j] + voff, vs[j] + vsoff, c * 8);                                              \
                     a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), vv, a0);                                          \
                     a1 = _mm256_fmadd_ps(_mm256_set1_ps(p0[sj + j]), vv, a1);                                     \
                     a2 = _mm256_fmadd_ps(_mm256_set1_ps(p0[2 * sj + j]), vv, a2);                                 \
@@ -2836,20 +3321,23 @@ static LLMKV__T256 __m256 llmkv__y_bf16(const unsigned char* p) {
             for (c = 0; c < n; ++c) {                                                                             \
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8);                                                          \
                 for (j = 0; j < J; ++j)                                                                           \
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD((v[j] + voff) + (size_t)c * 8 * ES), a0);         \
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v[j] + voff, vs[j] + vsoff, c * 8), a0);         \
                 _mm256_storeu_ps(o0 + c * 8, a0);                                                                 \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 8 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 8; d < D; ++d) {                                                                     \
-                    float x = LDS((v[j] + voff), d);                                                                 \
+                    float x = LDS(v[j] + voff, vs[j] + vsoff, d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
-LLMKV__AVX2_KERNELS(f32, llmkv__y_f32, llmkv__ld_f32, 4)
-LLMKV__AVX2_KERNELS(f16, llmkv__y_f16, llmkv__ld_f16, 2)
-LLMKV__AVX2_KERNELS(bf16, llmkv__y_bf16, llmkv__ld_bf16, 2)
+LLMKV__AVX2_KERNELS(f32, llmkv__y_f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
+LLMKV__AVX2_KERNELS(f16, llmkv__y_f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
+LLMKV__AVX2_KERNELS(bf16, llmkv__y_bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
+LLMKV__AVX2_KERNELS(q8, llmkv__y_q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
+LLMKV__AVX2_KERNELS(q4, llmkv__y_q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
+LLMKV__AVX2_KERNELS(fp8, llmkv__y_fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
 
 static LLMKV__T256 __m256 llmkv__exp256(__m256 x) {
     __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
@@ -2895,6 +3383,98 @@ static LLMKV__T256 float llmkv__ex_avx2(float* x, uint32_t n, float sub) {
     for (; i < n; ++i) tail += (x[i] = expf(x[i] - sub));
     return llmkv__hsum256(s) + tail;
 }
+/* --- quantization on put (AVX-512, AVX2) ------------------------------------ */
+/* Each step encodes 16 (8) elements of one group, with the operations of
+   llmkv__q_arg / llmkv__e4m3 in the same order (vcvtps2dq rounds to
+   nearest even like rintf), so the bytes equal the scalar encoder's. */
+
+static LLMKV__T512 __m512 llmkv__z_q_arg(__m512 x, float m, float inv, float lo, float hi) {
+    __m512 y;
+    x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);
+    y = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(m)), _mm512_set1_ps(inv));
+    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+    return _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+
+static LLMKV__T512 __m512i llmkv__z_e4m3_code(__m512 y) {
+    __m512i u = _mm512_castps_si512(y), sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+    __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f)));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0x7ffff)),
+                                 _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1)));
+    __m512i nrm = _mm512_sub_epi32(_mm512_srli_epi32(r, 20), _mm512_set1_epi32(120 << 3));
+    __m512i c = _mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3c800000)), nrm, sub);
+    return _mm512_or_si512(c, sign);
+}
+
+static LLMKV__T512 uint32_t llmkv__encode_avx512(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data,
+                                                 const float* inv, const float* mins) {
+    uint32_t i;
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        uint32_t g = i / LLMKV__QGROUP;
+        if (t == LLMKV_DTYPE_Q8) {
+            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f));
+            _mm_storeu_si128((__m128i*)(void*)(data + i), _mm512_cvtepi32_epi8(c));
+        } else if (t == LLMKV_DTYPE_Q4) {
+            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, mins[g], inv[g], 0.0f, 15.0f));
+            __m128i b = _mm_maddubs_epi16(_mm512_cvtepi32_epi8(c), _mm_set1_epi16(0x1001));
+            _mm_storel_epi64((__m128i*)(void*)(data + i / 2), _mm_packus_epi16(b, b));
+        } else {
+            __m512i c = llmkv__z_e4m3_code(llmkv__z_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f));
+            _mm_storeu_si128((__m128i*)(void*)(data + i), _mm512_cvtepi32_epi8(c));
+        }
+    }
+    return i;
+}
+
+static LLMKV__T256 __m256 llmkv__y_q_arg(__m256 x, float m, float inv, float lo, float hi) {
+    __m256 y;
+    x = _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
+    y = _mm256_mul_ps(_mm256_sub_ps(x, _mm256_set1_ps(m)), _mm256_set1_ps(inv));
+    y = _mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+
+/* The low bytes of eight 32-bit lanes, in order, in the low 8 bytes. */
+static LLMKV__T256 __m128i llmkv__y_low_bytes(__m256i c) {
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    c = _mm256_shuffle_epi8(c, pick);
+    return _mm_unpacklo_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+}
+
+static LLMKV__T256 uint32_t llmkv__encode_avx2(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data,
+                                               const float* inv, const float* mins) {
+    uint32_t i;
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        uint32_t g = i / LLMKV__QGROUP;
+        if (t == LLMKV_DTYPE_Q8) {
+            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f));
+            _mm_storel_epi64((__m128i*)(void*)(data + i), llmkv__y_low_bytes(c));
+        } else if (t == LLMKV_DTYPE_Q4) {
+            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, mins[g], inv[g], 0.0f, 15.0f));
+            __m128i b = _mm_maddubs_epi16(llmkv__y_low_bytes(c), _mm_set1_epi16(0x1001));
+            int32_t w = _mm_cvtsi128_si32(_mm_packus_epi16(b, b));
+            memcpy(data + i / 2, &w, 4);
+        } else {
+            __m256 y = llmkv__y_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f);
+            __m256i u = _mm256_castps_si256(y);
+            __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+            __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+            __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(512.0f)));
+            __m256i r = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7ffff)),
+                                         _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1)));
+            __m256i nrm = _mm256_sub_epi32(_mm256_srli_epi32(r, 20), _mm256_set1_epi32(120 << 3));
+            /* a < 2^-6 as signed compare: both are non-negative. */
+            __m256i c = _mm256_blendv_epi8(nrm, sub, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3c800000), a));
+            _mm_storel_epi64((__m128i*)(void*)(data + i), llmkv__y_low_bytes(_mm256_or_si256(c, sign)));
+        }
+    }
+    return i;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -2913,34 +3493,75 @@ static uint32_t llmkv__convert_simd(void* dst, llmkv_dtype dt, const void* src, 
 /* --- NEON (AArch64) -------------------------------------------------------- */
 /* 4 elements per vector; a row's tail past the last full vector is scalar. */
 
-static float32x4_t llmkv__n_f32(const unsigned char* p) { return vld1q_f32((const float*)(const void*)p); }
-static float32x4_t llmkv__n_f16(const unsigned char* p) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t*)(const void*)p)));
+/* Elements [c, c + 4) of a stored vector p with scales sc. */
+static float32x4_t llmkv__n_f32(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return vld1q_f32((const float*)(const void*)(p + 4 * (size_t)c));
 }
-static float32x4_t llmkv__n_bf16(const unsigned char* p) {
-    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t*)(const void*)p), 16));
+static float32x4_t llmkv__n_f16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t*)(const void*)(p + 2 * (size_t)c))));
+}
+static float32x4_t llmkv__n_bf16(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t*)(const void*)(p + 2 * (size_t)c)), 16));
+}
+static float llmkv__n_f16_scalar(const unsigned char* h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(llmkv__ld_u16(h)))), 0);
+}
+/* Four bytes (or nibbles, `bits` 4) of w, zero-extended to 32-bit lanes. */
+static uint32x4_t llmkv__n_fields(uint32_t w, int bits) {
+    const int32_t sh8[4] = {0, -8, -16, -24}, sh4[4] = {0, -4, -8, -12};
+    return vandq_u32(vshlq_u32(vdupq_n_u32(w), vld1q_s32(bits == 8 ? sh8 : sh4)), vdupq_n_u32(bits == 8 ? 0xffu : 0xfu));
+}
+static float32x4_t llmkv__n_q8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    int32_t w;
+    int32x4_t x;
+    memcpy(&w, p + c, 4);
+    x = vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)))));
+    return vmulq_n_f32(vcvtq_f32_s32(x), llmkv__n_f16_scalar(sc + 2 * (c / LLMKV__QGROUP)));
+}
+static float32x4_t llmkv__n_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    uint16_t w;
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    memcpy(&w, p + c / 2, 2);
+    return vfmaq_n_f32(vdupq_n_f32(llmkv__n_f16_scalar(g + 2)), vcvtq_f32_u32(llmkv__n_fields(w, 4)),
+                       llmkv__n_f16_scalar(g));
+}
+static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    uint32_t w;
+    uint32x4_t code, m7;
+    float32x4_t nrm, sub, v;
+    memcpy(&w, p + c, 4);
+    code = llmkv__n_fields(w, 8);
+    m7 = vandq_u32(code, vdupq_n_u32(0x7f));
+    nrm = vreinterpretq_f32_u32(vaddq_u32(vshlq_n_u32(m7, 20), vdupq_n_u32(0x3c000000u)));
+    sub = vmulq_n_f32(vcvtq_f32_u32(m7), 1.0f / 512.0f);
+    v = vbslq_f32(vcltq_u32(m7, vdupq_n_u32(8)), sub, nrm);
+    v = vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(v), vshlq_n_u32(vandq_u32(code, vdupq_n_u32(0x80)), 24)));
+    return vmulq_n_f32(v, llmkv__ld_f32s(sc));
 }
 
-#define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, ES)                                                                  \
-    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,           \
+#define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, TY)                                                                  \
+    static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, const unsigned char* const* ks, size_t ksoff,           \
                                         uint32_t J, float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                          \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
-        llmkv__prefetch_rows(pf, npf, D * ES, koff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), koff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = (k[j] + koff);                                                             \
+                const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
                 for (c = 0; c < n; ++c) {                                                                         \
-                    float32x4_t kv = LD(kr + (size_t)c * 4 * ES);                                                 \
+                    float32x4_t kv = LD(kr, kc, c * 4);                                                 \
                     a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), kv);                                                \
                     a1 = vfmaq_f32(a1, vld1q_f32(q0 + D + c * 4), kv);                                            \
                     a2 = vfmaq_f32(a2, vld1q_f32(q0 + 2 * D + c * 4), kv);                                        \
                     a3 = vfmaq_f32(a3, vld1q_f32(q0 + 3 * D + c * 4), kv);                                        \
                 }                                                                                                 \
                 for (d = n * 4; d < D; ++d) {                                                                     \
-                    float x = LDS(kr, d);                                                                         \
+                    float x = LDS(kr, kc, d);                                                                         \
                     t0 += q0[d] * x; t1 += q0[D + d] * x; t2 += q0[2 * D + d] * x; t3 += q0[3 * D + d] * x;       \
                 }                                                                                                 \
                 S[(size_t)m * sj + j] = vaddvq_f32(a0) + t0;                                                      \
@@ -2952,19 +3573,19 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; j < J; ++j) {                                                                             \
-                const unsigned char* kr = (k[j] + koff);                                                             \
+                const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 float32x4_t a0 = vdupq_n_f32(0);                                                                  \
                 float t0 = 0;                                                                                     \
-                for (c = 0; c < n; ++c) a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), LD(kr + (size_t)c * 4 * ES));   \
-                for (d = n * 4; d < D; ++d) t0 += q0[d] * LDS(kr, d);                                             \
+                for (c = 0; c < n; ++c) a0 = vfmaq_f32(a0, vld1q_f32(q0 + c * 4), LD(kr, kc, c * 4));   \
+                for (d = n * 4; d < D; ++d) t0 += q0[d] * LDS(kr, kc, d);                                             \
                 S[(size_t)m * sj + j] = vaddvq_f32(a0) + t0;                                                      \
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
     static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
-                                        const unsigned char* const* v, size_t voff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {             \
+                                        const unsigned char* const* v, size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {             \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
-        llmkv__prefetch_rows(pf, npf, D * ES, voff);                                                              \
+        llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), voff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
@@ -2972,7 +3593,7 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
                 float32x4_t a0 = vld1q_f32(o0 + c * 4), a1 = vld1q_f32(o0 + D + c * 4);                           \
                 float32x4_t a2 = vld1q_f32(o0 + 2 * D + c * 4), a3 = vld1q_f32(o0 + 3 * D + c * 4);               \
                 for (j = 0; j < J; ++j) {                                                                         \
-                    float32x4_t vv = LD((v[j] + voff) + (size_t)c * 4 * ES);                                         \
+                    float32x4_t vv = LD(v[j] + voff, vs[j] + vsoff, c * 4);                                         \
                     a0 = vfmaq_n_f32(a0, vv, p0[j]);                                                              \
                     a1 = vfmaq_n_f32(a1, vv, p0[sj + j]);                                                         \
                     a2 = vfmaq_n_f32(a2, vv, p0[2 * sj + j]);                                                     \
@@ -2989,20 +3610,23 @@ static float32x4_t llmkv__n_bf16(const unsigned char* p) {
             float* o0 = acc + (size_t)m * D;                                                                      \
             for (c = 0; c < n; ++c) {                                                                             \
                 float32x4_t a0 = vld1q_f32(o0 + c * 4);                                                           \
-                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD((v[j] + voff) + (size_t)c * 4 * ES), p0[j]);         \
+                for (j = 0; j < J; ++j) a0 = vfmaq_n_f32(a0, LD(v[j] + voff, vs[j] + vsoff, c * 4), p0[j]);         \
                 vst1q_f32(o0 + c * 4, a0);                                                                        \
             }                                                                                                     \
         }                                                                                                         \
         if (n * 4 < D)                                                                                            \
             for (j = 0; j < J; ++j)                                                                               \
                 for (d = n * 4; d < D; ++d) {                                                                     \
-                    float x = LDS((v[j] + voff), d);                                                                 \
+                    float x = LDS(v[j] + voff, vs[j] + vsoff, d);                                                                 \
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
-LLMKV__NEON_KERNELS(f32, llmkv__n_f32, llmkv__ld_f32, 4)
-LLMKV__NEON_KERNELS(f16, llmkv__n_f16, llmkv__ld_f16, 2)
-LLMKV__NEON_KERNELS(bf16, llmkv__n_bf16, llmkv__ld_bf16, 2)
+LLMKV__NEON_KERNELS(f32, llmkv__n_f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
+LLMKV__NEON_KERNELS(f16, llmkv__n_f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
+LLMKV__NEON_KERNELS(bf16, llmkv__n_bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
+LLMKV__NEON_KERNELS(q8, llmkv__n_q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
+LLMKV__NEON_KERNELS(q4, llmkv__n_q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
+LLMKV__NEON_KERNELS(fp8, llmkv__n_fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
 
 static float32x4_t llmkv__expq(float32x4_t x) {
     uint32x4_t tiny = vcltq_f32(x, vdupq_n_f32(-87.0f));
@@ -3044,7 +3668,60 @@ static float llmkv__ex_neon(float* x, uint32_t n, float sub) {
     for (; i < n; ++i) tail += (x[i] = expf(x[i] - sub));
     return vaddvq_f32(s) + tail;
 }
+/* Quantization on put: as llmkv__encode_avx512, four elements a step
+   (vcvtnq rounds to nearest even). */
+static float32x4_t llmkv__n_q_arg(float32x4_t x, float m, float inv, float lo, float hi) {
+    float32x4_t y;
+    x = vbslq_f32(vceqq_f32(x, x), x, vdupq_n_f32(0.0f));
+    y = vmulq_f32(vsubq_f32(x, vdupq_n_f32(m)), vdupq_n_f32(inv));
+    y = vbslq_f32(vceqq_f32(y, y), y, vdupq_n_f32(0.0f));
+    return vminq_f32(vmaxq_f32(y, vdupq_n_f32(lo)), vdupq_n_f32(hi));
+}
+
+static uint32_t llmkv__encode_neon(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data, const float* inv,
+                                   const float* mins) {
+    uint32_t i;
+    for (i = 0; i + 4 <= n; i += 4) {
+        float32x4_t v = vld1q_f32(x + i);
+        uint32_t g = i / LLMKV__QGROUP;
+        uint32x4_t c;
+        if (t == LLMKV_DTYPE_Q8) {
+            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f)));
+        } else if (t == LLMKV_DTYPE_Q4) {
+            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, mins[g], inv[g], 0.0f, 15.0f)));
+            data[i / 2] = (unsigned char)(vgetq_lane_u32(c, 0) | vgetq_lane_u32(c, 1) << 4);
+            data[i / 2 + 1] = (unsigned char)(vgetq_lane_u32(c, 2) | vgetq_lane_u32(c, 3) << 4);
+            continue;
+        } else {
+            float32x4_t y = llmkv__n_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f);
+            uint32x4_t u = vreinterpretq_u32_f32(y), a = vandq_u32(u, vdupq_n_u32(0x7fffffffu));
+            uint32x4_t sub = vreinterpretq_u32_s32(vcvtnq_s32_f32(vmulq_n_f32(vreinterpretq_f32_u32(a), 512.0f)));
+            uint32x4_t r = vaddq_u32(vaddq_u32(a, vdupq_n_u32(0x7ffffu)), vandq_u32(vshrq_n_u32(a, 20), vdupq_n_u32(1)));
+            uint32x4_t nrm = vsubq_u32(vshrq_n_u32(r, 20), vdupq_n_u32(120u << 3));
+            c = vbslq_u32(vcltq_u32(a, vdupq_n_u32(0x3c800000u)), sub, nrm);
+            c = vorrq_u32(c, vandq_u32(vshrq_n_u32(u, 24), vdupq_n_u32(0x80)));
+        }
+        {
+            uint8x8_t b = vmovn_u16(vcombine_u16(vmovn_u32(c), vdup_n_u16(0)));
+            vst1_lane_u32((uint32_t*)(void*)(data + i), vreinterpret_u32_u8(b), 0);
+        }
+    }
+    return i;
+}
 #endif /* LLMKV__NEON */
+
+static uint32_t llmkv__encode_simd(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data, const float* inv,
+                                   const float* mins, uint32_t paths) {
+#ifdef LLMKV__X86
+    if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return llmkv__encode_avx512(t, x, n, data, inv, mins);
+    if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return llmkv__encode_avx2(t, x, n, data, inv, mins);
+#endif
+#ifdef LLMKV__NEON
+    if (paths >> LLMKV_CPU_PATH_NEON & 1u) return llmkv__encode_neon(t, x, n, data, inv, mins);
+#endif
+    (void)t; (void)x; (void)n; (void)data; (void)inv; (void)mins; (void)paths;
+    return 0;
+}
 
 /* The kernels of a path this machine supports (the caller checked). */
 static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
@@ -3059,13 +3736,17 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         return;
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
+        k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4; k->qk[5] = llmkv__qk_avx512_fp8;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
+        k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4; k->pv[5] = llmkv__pv_avx512_fp8;
         k->ex = llmkv__ex_avx512;
         k->max = llmkv__max_avx512;
         return;
     case LLMKV_CPU_PATH_AVX2:
         k->qk[0] = llmkv__qk_avx2_f32; k->qk[1] = llmkv__qk_avx2_f16; k->qk[2] = llmkv__qk_avx2_bf16;
+        k->qk[3] = llmkv__qk_avx2_q8; k->qk[4] = llmkv__qk_avx2_q4; k->qk[5] = llmkv__qk_avx2_fp8;
         k->pv[0] = llmkv__pv_avx2_f32; k->pv[1] = llmkv__pv_avx2_f16; k->pv[2] = llmkv__pv_avx2_bf16;
+        k->pv[3] = llmkv__pv_avx2_q8; k->pv[4] = llmkv__pv_avx2_q4; k->pv[5] = llmkv__pv_avx2_fp8;
         k->ex = llmkv__ex_avx2;
         k->max = llmkv__max_avx2;
         return;
@@ -3073,14 +3754,18 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
 #ifdef LLMKV__NEON
     case LLMKV_CPU_PATH_NEON:
         k->qk[0] = llmkv__qk_neon_f32; k->qk[1] = llmkv__qk_neon_f16; k->qk[2] = llmkv__qk_neon_bf16;
+        k->qk[3] = llmkv__qk_neon_q8; k->qk[4] = llmkv__qk_neon_q4; k->qk[5] = llmkv__qk_neon_fp8;
         k->pv[0] = llmkv__pv_neon_f32; k->pv[1] = llmkv__pv_neon_f16; k->pv[2] = llmkv__pv_neon_bf16;
+        k->pv[3] = llmkv__pv_neon_q8; k->pv[4] = llmkv__pv_neon_q4; k->pv[5] = llmkv__pv_neon_fp8;
         k->ex = llmkv__ex_neon;
         k->max = llmkv__max_neon;
         return;
 #endif
     default:
         k->qk[0] = llmkv__qk_scalar_f32; k->qk[1] = llmkv__qk_scalar_f16; k->qk[2] = llmkv__qk_scalar_bf16;
+        k->qk[3] = llmkv__qk_scalar_q8; k->qk[4] = llmkv__qk_scalar_q4; k->qk[5] = llmkv__qk_scalar_fp8;
         k->pv[0] = llmkv__pv_scalar_f32; k->pv[1] = llmkv__pv_scalar_f16; k->pv[2] = llmkv__pv_scalar_bf16;
+        k->pv[3] = llmkv__pv_scalar_q8; k->pv[4] = llmkv__pv_scalar_q4; k->pv[5] = llmkv__pv_scalar_fp8;
         k->ex = llmkv__ex_scalar;
         k->max = llmkv__max_scalar;
         return;
@@ -3112,6 +3797,8 @@ typedef struct llmkv__job {
     float scale, cap;
     const unsigned char* k_base;    /* pool + layer offset + K part */
     const unsigned char* v_base;
+    const unsigned char* ks_base;   /* pool + layer offset + K scales */
+    const unsigned char* vs_base;
 } llmkv__job;
 
 typedef struct llmkv__unit {
@@ -3226,17 +3913,28 @@ static uint64_t llmkv__unit_cost(const llmkv__job* jb, const llmkv__unit* u) {
     return (uint64_t)llmkv__unit_rows(u) * ((hi > lo ? hi - lo : 0) + 16);
 }
 
-/* Fills the K and V row pointers (of the unit's first KV head) of keys
-   [k, min(k + CHUNK, kmax)); returns how many (0 past the end). */
+/* Row pointers of the keys of a chunk and of the next one (K, V, and
+   their scale rows), at the unit's first KV head. */
+typedef struct llmkv__chunk_ptrs {
+    const unsigned char* k[2 * LLMKV__ATTN_CHUNK];
+    const unsigned char* v[2 * LLMKV__ATTN_CHUNK];
+    const unsigned char* ks[2 * LLMKV__ATTN_CHUNK];
+    const unsigned char* vs[2 * LLMKV__ATTN_CHUNK];
+} llmkv__chunk_ptrs;
+
+/* Fills entries [at, at + J) of the row pointers with keys [k, min(k +
+   CHUNK, kmax)); returns J (0 past the end). */
 static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, const int32_t* pages, uint32_t k,
-                                  uint32_t kmax, const unsigned char** kp, const unsigned char** vp) {
+                                  uint32_t kmax, llmkv__chunk_ptrs* rw, uint32_t at) {
     const llmkv_layout* ly = &jb->kv->layout;
     uint32_t J = k < kmax ? (kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK) : 0, j;
     for (j = 0; j < J; ++j) {
         uint64_t page = (uint64_t)pages[(k + j) / ly->page_size] * ly->page_bytes;
         uint32_t slot = (k + j) % ly->page_size;
-        kp[j] = jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
-        vp[j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
+        rw->k[at + j] = jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
+        rw->v[at + j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
+        rw->ks[at + j] = jb->ks_base + page + (size_t)u->kvh0 * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
+        rw->vs[at + j] = jb->vs_base + page + (size_t)u->kvh0 * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
     }
     return J;
 }
@@ -3268,8 +3966,7 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
     uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, qstride = D;
-    const unsigned char* kp[2 * LLMKV__ATTN_CHUNK]; /* this chunk's rows, then the next one's */
-    const unsigned char* vp[2 * LLMKV__ATTN_CHUNK];
+    llmkv__chunk_ptrs rw; /* this chunk's rows, then the next one's */
 
     for (r = 0; r < M; ++r) {
         t = u->t0 + r % Mh / HS;
@@ -3309,17 +4006,18 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
        each (page, head) part is read, the same part of the next chunk is
        prefetched, which keeps a steady chunk's worth of reads in flight
        (hardware prefetchers stop at every page change). */
-    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, kp, vp);
+    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, &rw, 0);
     for (k = kmin; k < kmax; k += J, J = Jn) {
         uint32_t j, s0, s1, npf;
         int whole = 1; /* every row sees every key of the chunk */
-        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, kp + J, vp + J);
+        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, &rw, J);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
         for (s0 = 0; s0 < J; s0 = s1) {
             s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
-                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, kp + s0, hb * ly->k.head_stride, s1 - s0,
-                       S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, kp + s0 + LLMKV__ATTN_AHEAD, npf);
+                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, rw.k + s0, hb * ly->k.head_stride, rw.ks + s0,
+                       hb * ly->k.scale_head_stride, s1 - s0, S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ,
+                       rw.k + s0 + LLMKV__ATTN_AHEAD, npf);
         }
         for (r = 0; r < M; ++r) {
             float* s = S + (size_t)r * LLMKV__ATTN_SJ;
@@ -3344,11 +4042,14 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
         for (s0 = 0; s0 < J; s0 = s1) {
             s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
-                jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, Mh, D, vp + s0, hb * ly->v.head_stride,
-                       s1 - s0, acc + (size_t)hb * Mh * D, vp + s0 + LLMKV__ATTN_AHEAD, npf);
+                jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, Mh, D, rw.v + s0, hb * ly->v.head_stride,
+                       rw.vs + s0, hb * ly->v.scale_head_stride, s1 - s0, acc + (size_t)hb * Mh * D,
+                       rw.v + s0 + LLMKV__ATTN_AHEAD, npf);
         }
-        memmove(kp, kp + J, Jn * sizeof kp[0]);
-        memmove(vp, vp + J, Jn * sizeof vp[0]);
+        memmove(rw.k, rw.k + J, Jn * sizeof rw.k[0]);
+        memmove(rw.v, rw.v + J, Jn * sizeof rw.v[0]);
+        memmove(rw.ks, rw.ks + J, Jn * sizeof rw.ks[0]);
+        memmove(rw.vs, rw.vs + J, Jn * sizeof rw.vs[0]);
     }
 
     for (r = 0; r < M; ++r) {
@@ -3454,6 +4155,8 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     jb->cap = d->softcap;
     jb->k_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->k.offset;
     jb->v_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.offset;
+    jb->ks_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->k.scale_offset;
+    jb->vs_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.scale_offset;
     jb->nth = nth;
     /* Split long keys ranges only when the units would not keep every
        thread busy: aim for two units per thread. */

@@ -40,7 +40,7 @@
    a double-precision reference read straight from the pages: relative L2
    error at most 1e-2, or the run fails.
 
-   Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]
+   Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8]
                          [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]
      --json     one JSON object per line (bandwidth lines, then one per case,
                 skipped cases included), nothing else on stdout
@@ -251,7 +251,7 @@ static double read_bandwidth(const unsigned char* buf, size_t bytes, uint32_t n_
 typedef struct bench {
     int json, quick;
     int only_kind;              /* 0: both, 1: decode, 2: prefill */
-    llmkv_dtype only_dtype;     /* DEFAULT: all three */
+    llmkv_dtype only_dtype;     /* DEFAULT: every type */
     uint32_t only_threads;      /* 0: 1 and 2 */
     llmkv_cpu_path path;        /* desc.path */
     const char* path_name;      /* the path that runs */
@@ -298,6 +298,12 @@ typedef struct kvset {
     llmkv_layout lay;
 } kvset;
 
+/* Source rows for a storage type: the type itself for F32/F16/BF16 (so
+   put copies), F32 for the quantized types (put quantizes). */
+static llmkv_dtype source_type(llmkv_dtype dtype) {
+    return dtype == LLMKV_DTYPE_F16 || dtype == LLMKV_DTYPE_BF16 ? dtype : LLMKV_DTYPE_F32;
+}
+
 static void fill_random(void* dst, llmkv_dtype dtype, size_t n, uint64_t* seed) {
     size_t i;
     for (i = 0; i < n; ++i) {
@@ -308,12 +314,13 @@ static void fill_random(void* dst, llmkv_dtype dtype, size_t n, uint64_t* seed) 
     }
 }
 
-/* n_seqs sequences of seq_len tokens, one layer, every K and V random. The
-   source rows are already in the storage type, so llmkv_put copies. */
+/* n_seqs sequences of seq_len tokens, one layer, every K and V random
+   (rows of source_type). */
 static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dtype, uint32_t n_seqs,
                          uint32_t seq_len, uint32_t max_tokens) {
     const size_t row = (size_t)n_kv_heads * HEAD_DIM;
-    const size_t elem = llmkv_dtype_size(dtype);
+    const llmkv_dtype src_t = source_type(dtype);
+    const size_t elem = llmkv_dtype_size(src_t);
     const size_t src_elems = (size_t)(FILL_CHUNK + FILL_SPARE) * row;
     unsigned char* k_src = (unsigned char*)xalloc(src_elems * elem);
     unsigned char* v_src = (unsigned char*)xalloc(src_elems * elem);
@@ -324,8 +331,8 @@ static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dt
     llmkv_desc d;
 
     memset(s, 0, sizeof *s);
-    fill_random(k_src, dtype, src_elems, &seed);
-    fill_random(v_src, dtype, src_elems, &seed);
+    fill_random(k_src, src_t, src_elems, &seed);
+    fill_random(v_src, src_t, src_elems, &seed);
     memset(&d, 0, sizeof d);
     d.n_layers = 1;
     d.n_kv_heads = n_kv_heads;
@@ -350,7 +357,7 @@ static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dt
             uint32_t n = seq_len - done < FILL_CHUNK ? seq_len - done : FILL_CHUNK;
             size_t off = (size_t)(chunk_no * 13u % FILL_SPARE) * row * elem;
             CHECK(llmkv_reserve(s->kv, s->seqs[i], n));
-            CHECK(llmkv_put(s->kv, s->seqs[i], 0, n, k_src + off, 0, v_src + off, 0, dtype));
+            CHECK(llmkv_put(s->kv, s->seqs[i], 0, n, k_src + off, 0, v_src + off, 0, src_t));
         }
     }
     b->fill_seconds += seconds_since(t0);
@@ -391,7 +398,9 @@ typedef struct acase {
 
 static uint64_t case_kv_bytes(const acase* c) {
     uint64_t tokens = c->prefill ? (uint64_t)c->ctx + c->q_tokens : (uint64_t)c->batch * c->ctx;
-    return tokens * c->n_kv_heads * HEAD_DIM * llmkv_dtype_size(c->dtype) * 2;
+    uint32_t data = 0, scales = 0;
+    CHECK(llmkv_vector_bytes(c->dtype, HEAD_DIM, &data, &scales));
+    return tokens * c->n_kv_heads * (uint64_t)(data + scales) * 2; /* K and V, scales included */
 }
 
 static double case_pairs(const acase* c) { /* (query, key) pairs under the causal mask */
@@ -460,22 +469,14 @@ static void emit_result(bench* b, const acase* c, double median, double min, int
 /* Checking the output                                                      */
 /* ------------------------------------------------------------------------ */
 
-static float stored_elem(const unsigned char* vec, llmkv_dtype dtype, uint32_t d) {
-    if (dtype == LLMKV_DTYPE_F32) {
-        float f;
-        memcpy(&f, vec + (size_t)d * 4, 4);
-        return f;
-    } else {
-        uint16_t h;
-        memcpy(&h, vec + (size_t)d * 2, 2);
-        return dtype == LLMKV_DTYPE_F16 ? llmkv_f16_to_f32(h) : llmkv_bf16_to_f32(h);
-    }
-}
-
-static const unsigned char* vec_at(const kvset* s, const llmkv_part_layout* part, int32_t page,
-                                   uint32_t slot, uint32_t kv_head) {
-    return s->pool + (uint64_t)page * s->lay.page_bytes + part->offset + kv_head * part->head_stride +
-           slot * part->slot_stride;
+/* The stored head vector (page, slot, kv_head) of a part, as floats. */
+static void stored_vec(const kvset* s, const llmkv_part_layout* part, int32_t page, uint32_t slot,
+                       uint32_t kv_head, float* out) {
+    const unsigned char* base = s->pool + (uint64_t)page * s->lay.page_bytes;
+    CHECK(llmkv_dequantize(part->dtype, base + part->offset + kv_head * part->head_stride + slot * part->slot_stride,
+                           base + part->scale_offset + kv_head * part->scale_head_stride +
+                               slot * part->scale_slot_stride,
+                           HEAD_DIM, out));
 }
 
 /* Relative L2 error of output row `row`, head `h` (of sequence `seq` in the
@@ -491,20 +492,21 @@ static double check_row(const kvset* s, const llmkv_batch_info* info, const floa
     double acc[HEAD_DIM], m = -HUGE_VAL, sum = 0, err = 0, norm = 0;
     uint32_t j, d;
     for (d = 0; d < HEAD_DIM; ++d) acc[d] = 0;
+    float kf[HEAD_DIM], vf[HEAD_DIM];
     for (j = 0; j < n_keys; ++j) { /* the maximum logit first */
-        const unsigned char* kv = vec_at(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
         double l = 0;
-        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)stored_elem(kv, s->dtype, d);
+        stored_vec(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, kf);
+        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)kf[d];
         if (l * scale > m) m = l * scale;
     }
     for (j = 0; j < n_keys; ++j) {
-        const unsigned char* kv = vec_at(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
-        const unsigned char* vv = vec_at(s, &s->lay.v, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh);
         double l = 0, p;
-        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)stored_elem(kv, s->dtype, d);
+        stored_vec(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, kf);
+        stored_vec(s, &s->lay.v, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, vf);
+        for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)kf[d];
         p = exp(l * scale - m);
         sum += p;
-        for (d = 0; d < HEAD_DIM; ++d) acc[d] += p * (double)stored_elem(vv, s->dtype, d);
+        for (d = 0; d < HEAD_DIM; ++d) acc[d] += p * (double)vf[d];
     }
     for (d = 0; d < HEAD_DIM; ++d) {
         double ref = acc[d] / sum, e = (double)ov[d] - ref;
@@ -751,7 +753,7 @@ static void measure_bandwidth(bench* b, int at_end) {
 
 static void usage(const char* argv0) {
     fprintf(stderr,
-            "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16]\n"
+            "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8]\n"
             "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n",
             argv0);
     exit(2);
@@ -762,7 +764,8 @@ int main(int argc, char** argv) {
     int i;
     char load[64];
     uint64_t t_start = now_ns();
-    static const llmkv_dtype dtypes[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16};
+    static const llmkv_dtype dtypes[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16,
+                                         LLMKV_DTYPE_Q8,  LLMKV_DTYPE_Q4,  LLMKV_DTYPE_FP8};
     memset(&b, 0, sizeof b);
     b.path = LLMKV_CPU_PATH_AUTO;
     for (i = 1; i < argc; ++i) {
@@ -782,6 +785,9 @@ int main(int argc, char** argv) {
             if (strcmp(v, "f32") == 0) b.only_dtype = LLMKV_DTYPE_F32;
             else if (strcmp(v, "f16") == 0) b.only_dtype = LLMKV_DTYPE_F16;
             else if (strcmp(v, "bf16") == 0) b.only_dtype = LLMKV_DTYPE_BF16;
+            else if (strcmp(v, "q8") == 0) b.only_dtype = LLMKV_DTYPE_Q8;
+            else if (strcmp(v, "q4") == 0) b.only_dtype = LLMKV_DTYPE_Q4;
+            else if (strcmp(v, "fp8") == 0) b.only_dtype = LLMKV_DTYPE_FP8;
             else usage(argv[0]);
             ++i;
         } else if (strcmp(a, "--kind") == 0 && v) {
@@ -854,12 +860,12 @@ int main(int argc, char** argv) {
         static const uint32_t kv_heads[] = {8, 32};
         int h, d;
         for (h = 0; h < 2; ++h)
-            for (d = 0; d < 3; ++d)
+            for (d = 0; d < 6; ++d)
                 if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_decode(&b, kv_heads[h], dtypes[d]);
     }
     if (b.only_kind != 1) {
         int d;
-        for (d = 0; d < 3; ++d)
+        for (d = 0; d < 6; ++d)
             if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_prefill(&b, dtypes[d]);
     }
 

@@ -85,8 +85,27 @@ static float stored_value(llmkv_dtype t, float x) {
     return x;
 }
 
+/* The quantized types are compared with attention over their dequantized
+   values (what the cache holds), so they keep the F32 bound: the kernels
+   dequantize exactly (Q4 to within one rounding). Their error against the
+   unquantized data is measured in test_quant.c. */
 static double type_tol(llmkv_dtype t) {
     return t == LLMKV_DTYPE_BF16 ? TOL_BF16 : t == LLMKV_DTYPE_F16 ? TOL_F16 : TOL_F32;
+}
+
+static int is_quant(llmkv_dtype t) {
+    return t == LLMKV_DTYPE_Q8 || t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_FP8;
+}
+
+/* A head vector as a quantized type stores it: llmkv_quantize then
+   llmkv_dequantize (both checked against an independent model in
+   test_quant.c), in place. */
+static void store_vector(llmkv_dtype t, float* x, uint32_t n) {
+    unsigned char data[512 * 4], sc[64];
+    if (llmkv_quantize(t, x, n, data, sc) != LLMKV_OK || llmkv_dequantize(t, data, sc, n, x) != LLMKV_OK) {
+        fprintf(stderr, "test_attn: llmkv_quantize refused a vector\n");
+        exit(2);
+    }
 }
 
 static void fill_canary(float* p, size_t n) {
@@ -128,8 +147,8 @@ static int g_fail_msgs;
 #define FAIL_MSG_MAX 30
 
 /* Worst errors seen, per path and K / V storage type. */
-static double g_worst_out[N_PATHS][4][4], g_worst_lse[N_PATHS][4][4];
-static long g_n_checked[N_PATHS][4][4];
+static double g_worst_out[N_PATHS][7][7], g_worst_lse[N_PATHS][7][7];
+static long g_n_checked[N_PATHS][7][7];
 
 
 /* ------------------------------------------------------------------------ */
@@ -272,6 +291,17 @@ static void poison_slots(aenv* e, unsigned char* pool, uint32_t page, uint32_t s
             for (s = s0; s < s1; ++s) {
                 unsigned char* p = pool + (uint64_t)page * e->ly.page_bytes + (uint64_t)e->c.layer * e->ly.layer_stride +
                                    pl->offset + h * pl->head_stride + s * pl->slot_stride;
+                if (is_quant(pl->dtype)) { /* NaN scales: every element of the slot reads as NaN */
+                    unsigned char* sc = pool + (uint64_t)page * e->ly.page_bytes +
+                                        (uint64_t)e->c.layer * e->ly.layer_stride + pl->scale_offset +
+                                        h * pl->scale_head_stride + s * pl->scale_slot_stride;
+                    uint32_t nb = 0x7fc00000u, b;
+                    uint16_t nh = 0x7e00u;
+                    if (pl->dtype == LLMKV_DTYPE_FP8) memcpy(sc, &nb, 4);
+                    else for (b = 0; b < pl->scale_slot_stride; b += 2) memcpy(sc + b, &nh, 2);
+                    (void)p;
+                    continue;
+                }
                 for (d = 0; d < e->c.D; ++d) {
                     if (pl->dtype == LLMKV_DTYPE_F32) {
                         uint32_t nb = 0x7fc00000u;
@@ -351,22 +381,25 @@ static int env_setup(tst* t, aenv* e, const acase* c, tst_rng* r) {
             }
             for (l = 0; l < c->n_layers; ++l) {
                 for (tok = 0; tok < n; ++tok)
-                    for (h = 0; h < c->n_kv; ++h)
+                    for (h = 0; h < c->n_kv; ++h) {
+                        size_t ref0 = (done[i] + tok) * per + (size_t)h * c->D;
                         for (dd = 0; dd < c->D; ++dd) {
                             size_t at = ((size_t)tok * c->n_kv + h) * c->D + dd;
                             if (l == c->layer) {
                                 float kx = tst_float(r);
                                 float vx = (float)(c->v_amp * (double)tst_float(r));
-                                size_t ref_at = (done[i] + tok) * per + (size_t)h * c->D + dd;
                                 kbuf[at] = kx;
                                 vbuf[at] = vx;
-                                e->kref[i][ref_at] = stored_value(c->kt, kx);
-                                e->vref[i][ref_at] = stored_value(c->vt, vx);
+                                e->kref[i][ref0 + dd] = stored_value(c->kt, kx);
+                                e->vref[i][ref0 + dd] = stored_value(c->vt, vx);
                             } else {
                                 kbuf[at] = qnan(); /* never read: another layer */
                                 vbuf[at] = qnan();
                             }
                         }
+                        if (l == c->layer && is_quant(c->kt)) store_vector(c->kt, e->kref[i] + ref0, c->D);
+                        if (l == c->layer && is_quant(c->vt)) store_vector(c->vt, e->vref[i] + ref0, c->D);
+                    }
                 if (llmkv_put(e->kv, e->seqs[i], l, n, kbuf, 0, vbuf, 0, LLMKV_DTYPE_F32) != LLMKV_OK) {
                     ATTN_FAIL(t, "put failed");
                     ok = 0;
@@ -875,7 +908,8 @@ static acase random_case(tst_rng* r) {
     static const uint32_t dims[] = {1, 3, 8, 64, 80, 96, 128, 256, 512};
     static const uint32_t pages[] = {1, 7, 16, 256};
     static const uint32_t ratios[] = {1, 2, 4, 8};
-    static const llmkv_dtype types[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16};
+    static const llmkv_dtype types[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16,
+                                        LLMKV_DTYPE_Q8,  LLMKV_DTYPE_Q4,  LLMKV_DTYPE_FP8};
     acase c;
     uint32_t i, maxlen;
     memset(&c, 0, sizeof c);
@@ -890,8 +924,8 @@ static acase random_case(tst_rng* r) {
     }
     c.n_layers = 1 + tst_below(r, 3);
     c.layer = tst_below(r, c.n_layers);
-    c.kt = types[tst_below(r, 3)];
-    c.vt = types[tst_below(r, 3)];
+    c.kt = types[tst_below(r, 6)];
+    c.vt = types[tst_below(r, 6)];
     c.n_seqs = 1 + tst_below(r, 6);
     maxlen = tst_below(r, 3) == 0 ? 64 : 600;
     for (i = 0; i < c.n_seqs; ++i) {
@@ -946,7 +980,7 @@ static acase random_case(tst_rng* r) {
        256 slots is 25 MiB): halve the longest sequence while over 48 MiB. */
     for (;;) {
         double n_pages = 4.0, page_bytes = (double)c.ps * c.D * c.n_kv * c.n_layers *
-                                         (double)(llmkv_dtype_size(c.kt) + llmkv_dtype_size(c.vt));
+                                         (double)(llmkv_dtype_size(c.kt) + llmkv_dtype_size(c.vt) + 2);
         uint32_t big = 0;
         for (i = 0; i < c.n_seqs; ++i) {
             n_pages += (double)((c.lens[i] + c.ps - 1) / c.ps);
@@ -1003,13 +1037,14 @@ static void test_attn_random(tst* t) {
     pools_destroy(&ps);
 }
 
-/* Every head_dim of the list, every page size, all nine K/V type pairs, on
+/* Every head_dim of the list, every page size, the 36 K/V type pairs in turn, on
    one small ragged batch each, through every path: the shapes the random
    test may draw only rarely. */
 static void test_attn_shapes(tst* t) {
     static const uint32_t dims[] = {1, 3, 8, 64, 80, 96, 128, 256, 512, 17, 130, 333};
     static const uint32_t pages[] = {1, 7, 16, 256};
-    static const llmkv_dtype types[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16};
+    static const llmkv_dtype types[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16,
+                                        LLMKV_DTYPE_Q8,  LLMKV_DTYPE_Q4,  LLMKV_DTYPE_FP8};
     llmkv_cpu_path paths[N_PATHS];
     int n_paths = supported_paths(paths), p;
     unsigned di, pi, ki;
@@ -1019,9 +1054,9 @@ static void test_attn_shapes(tst* t) {
     pools_create(t, &ps);
     for (di = 0; di < sizeof dims / sizeof dims[0]; ++di)
         for (pi = 0; pi < 4; ++pi) {
-            ki = (di * 4 + pi) % 9;
+            ki = (di * 4 + pi) % 36;
             {
-                acase c = base_case(dims[di], pages[pi], 2, di % 2 ? 4 : 2, types[ki / 3], types[ki % 3]);
+                acase c = base_case(dims[di], pages[pi], 2, di % 2 ? 4 : 2, types[ki / 6], types[ki % 6]);
                 aenv e;
                 uint32_t ps_ = pages[pi];
                 if (attn_env_scale() < 0.5 && pi != di % 4) continue; /* a reduced run: one page size per dim */
@@ -1550,8 +1585,8 @@ static void print_worst(void) {
     int p, kt, vt;
     fprintf(stderr, "  worst errors (out: x max|V|; lse: relative to 1+|lse|), per path and K/V storage:\n");
     for (p = 0; p < N_PATHS; ++p)
-        for (kt = 1; kt <= 3; ++kt)
-            for (vt = 1; vt <= 3; ++vt)
+        for (kt = 1; kt <= 6; ++kt)
+            for (vt = 1; vt <= 6; ++vt)
                 if (g_n_checked[p][kt][vt])
                     fprintf(stderr, "    %-7s K %-4s V %-4s  out %.3e  lse %.3e  (%ld results, bound %.0e)\n",
                             llmkv_cpu_path_name((llmkv_cpu_path)p), llmkv_dtype_name((llmkv_dtype)kt),

@@ -118,6 +118,9 @@ static const char* m_tname(llmkv_dtype t) {
     case LLMKV_DTYPE_F32: return "f32";
     case LLMKV_DTYPE_F16: return "f16";
     case LLMKV_DTYPE_BF16: return "bf16";
+    case LLMKV_DTYPE_Q8: return "q8";
+    case LLMKV_DTYPE_Q4: return "q4";
+    case LLMKV_DTYPE_FP8: return "fp8";
     }
     return "?";
 }
