@@ -3782,7 +3782,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
    HEAD_ROWS) share every K/V vector they load; a block of several KV heads
    reads each page's K and V parts as one contiguous stream, which is what
    decode at memory speed needs. Rows * head_dim is bounded so the
-   per-thread state fits on the stack (about 68 KiB). */
+   per-thread state fits on the stack (about 70 KiB). */
 
 typedef struct llmkv__job {
     const llmkv_cache* kv;
