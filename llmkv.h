@@ -711,12 +711,13 @@ LLMKV_API llmkv_result llmkv_vector_bytes(llmkv_dtype dtype, uint32_t n, uint32_
        s = f16(clamp((hi - m) / 15, 0, 65504)), stored as F16 pairs
        (s, m) per group; codes c = rint(clamp((x - m) * (1/s), 0, 15)), two
        per byte, element 2i in the low nibble of byte i (a final unused
-       nibble is 0). Value: m + s c, one rounding.
+       nibble is 0; codes are 0 when s is 0). Value: m + s c, one rounding.
      FP8: E4M3 with bias 7, no infinities (0x7f/0xff are NaN and never
        written), largest 448; with a the largest finite |x|, the F32 scale
        s = max(a / 448, FLT_MIN) (0 if a is 0) and codes
        e4m3(clamp(x * (1/s), -448, 448)), rounded to nearest even
-       (subnormals m 2^-9). Value: e4m3 value times s.
+       (subnormals m 2^-9; when s is 0 every code is a zero, 0x80 for a
+       negative input). Value: e4m3 value times s.
    In every quantized type NaN is stored as 0 would be, +-infinity as the
    largest (smallest) value the group can hold, and neither affects the
    scales, which come from the finite elements only. Rounding is to

@@ -102,5 +102,6 @@ void suite_cache(tst* t);
 void suite_model(tst* t);
 void suite_fault(tst* t);
 void suite_attn(tst* t);
+void suite_quant(tst* t);
 
 #endif
