@@ -910,6 +910,9 @@ static int llmkv__dtype_quant(llmkv_dtype t) {
     return t == LLMKV_DTYPE_Q8 || t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_FP8;
 }
 
+/* Any storage type. */
+static int llmkv__dtype_storage(llmkv_dtype t) { return llmkv__dtype_valid(t) || llmkv__dtype_quant(t); }
+
 /* Converts n elements between the plain float types. Same type: a copy. */
 /* Vector conversion (x86 with F16C/AVX2): converts a prefix of the n
    elements, bit-identical to the scalar functions, and returns its length. */
@@ -953,8 +956,12 @@ static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dty
 
 #define LLMKV__QGROUP 32u /* elements per Q8 / Q4 group */
 
+/* Bytes of the first n elements of a stored vector of type t (for Q4 a
+   final odd element takes a whole byte). Also the byte offset of element n
+   (even for Q4), so kernels call it with a constant t. */
 static uint32_t llmkv__vec_data_bytes(llmkv_dtype t, uint32_t n) {
-    return t == LLMKV_DTYPE_Q4 ? (n + 1) / 2 : n * llmkv_dtype_size(t);
+    return t == LLMKV_DTYPE_F32 ? 4 * n
+         : t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16 ? 2 * n : t == LLMKV_DTYPE_Q4 ? (n + 1) / 2 : n;
 }
 
 static uint32_t llmkv__vec_scale_bytes(llmkv_dtype t, uint32_t n) {
@@ -1055,7 +1062,7 @@ static void llmkv__range_finite(const float* x, uint32_t n, float* lo, float* hi
    written (the scalar reference; SIMD paths encode a prefix and call this
    for the rest). */
 static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint32_t n, unsigned char* data,
-                               const unsigned char* sc, const float* inv, const float* mins) {
+                               const float* inv, const float* mins) {
     uint32_t i;
     for (i = i0; i < n; ++i) {
         uint32_t g = i / LLMKV__QGROUP;
@@ -1069,7 +1076,6 @@ static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint3
             data[i] = llmkv__e4m3(llmkv__q_arg(x[i], 0.0f, inv[0], -448.0f, 448.0f));
         }
     }
-    (void)sc;
 }
 
 /* Writes the scales of a quantized vector; inv[g] (and mins[g] for Q4)
@@ -1117,7 +1123,7 @@ static void llmkv__quantize_vec(llmkv_dtype t, const float* x, uint32_t n, unsig
     uint32_t done;
     llmkv__quant_scales(t, x, n, sc, inv, mins);
     done = paths ? llmkv__encode_simd(t, x, n, data, inv, mins, paths) : 0;
-    llmkv__encode_tail(t, x, done, n, data, sc, inv, mins);
+    llmkv__encode_tail(t, x, done, n, data, inv, mins);
 }
 
 static void llmkv__dequantize_vec(llmkv_dtype t, const unsigned char* data, const unsigned char* sc, uint32_t n,
@@ -1127,7 +1133,7 @@ static void llmkv__dequantize_vec(llmkv_dtype t, const unsigned char* data, cons
 }
 
 LLMKV_API llmkv_result llmkv_vector_bytes(llmkv_dtype dtype, uint32_t n, uint32_t* data_bytes, uint32_t* scale_bytes) {
-    int ok = (llmkv__dtype_valid(dtype) || llmkv__dtype_quant(dtype)) && n >= 1 && n <= 512;
+    int ok = llmkv__dtype_storage(dtype) && n >= 1 && n <= 512;
     if (data_bytes) *data_bytes = ok ? llmkv__vec_data_bytes(dtype, n) : 0;
     if (scale_bytes) *scale_bytes = ok ? llmkv__vec_scale_bytes(dtype, n) : 0;
     return ok ? LLMKV_OK : LLMKV_ERR_INVALID_ARGUMENT;
@@ -1235,8 +1241,7 @@ static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
     }
     if (d->k_dtype == LLMKV_DTYPE_DEFAULT) d->k_dtype = LLMKV_DTYPE_F16;
     if (d->v_dtype == LLMKV_DTYPE_DEFAULT) d->v_dtype = LLMKV_DTYPE_F16;
-    if (!(llmkv__dtype_valid(d->k_dtype) || llmkv__dtype_quant(d->k_dtype)) ||
-        !(llmkv__dtype_valid(d->v_dtype) || llmkv__dtype_quant(d->v_dtype))) {
+    if (!llmkv__dtype_storage(d->k_dtype) || !llmkv__dtype_storage(d->v_dtype)) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage type (k %d, v %d)", (int)d->k_dtype, (int)d->v_dtype);
         return LLMKV_ERR_INVALID_ARGUMENT;
     }
@@ -1940,10 +1945,14 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
             const unsigned char* row_src = src + i * stride;
             for (h = 0; h < l->n_kv_heads; ++h) {
                 const unsigned char* hs = row_src + (size_t)h * l->head_dim * elem;
-                if (quant) {
+                if (quant) { /* from F32: the caller's row itself (aligned: llmkv__rows) */
                     float x[512];
-                    llmkv__convert(x, LLMKV_DTYPE_F32, hs, src_dtype, l->head_dim, simd);
-                    llmkv__quantize_vec(pl->dtype, x, l->head_dim, dst + h * pl->head_stride,
+                    const float* xf = (const float*)(const void*)hs;
+                    if (src_dtype != LLMKV_DTYPE_F32) {
+                        llmkv__convert(x, LLMKV_DTYPE_F32, hs, src_dtype, l->head_dim, simd);
+                        xf = x;
+                    }
+                    llmkv__quantize_vec(pl->dtype, xf, l->head_dim, dst + h * pl->head_stride,
                                         sc + h * pl->scale_head_stride, cache->cpu_paths);
                 } else {
                     llmkv__convert(dst + h * pl->head_stride, pl->dtype, hs, src_dtype, l->head_dim, simd);
@@ -1993,11 +2002,12 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
             const unsigned char* sc = page + pl->scale_offset + (p % l->page_size) * pl->scale_slot_stride;
             for (h = 0; h < l->n_kv_heads; ++h) {
                 unsigned char* out = dst + i * stride + h * out_head;
-                if (quant) {
+                if (quant) { /* to F32: straight into the caller's row (aligned: llmkv__rows) */
                     float x[512];
+                    float* xf = out_t == LLMKV_DTYPE_F32 ? (float*)(void*)out : x;
                     llmkv__dequantize_vec(pl->dtype, src + h * pl->head_stride, sc + h * pl->scale_head_stride,
-                                          l->head_dim, x);
-                    llmkv__convert(out, out_t, x, LLMKV_DTYPE_F32, l->head_dim, simd);
+                                          l->head_dim, xf);
+                    if (xf == x) llmkv__convert(out, out_t, x, LLMKV_DTYPE_F32, l->head_dim, simd);
                 } else {
                     llmkv__convert(out, out_t, src + h * pl->head_stride, pl->dtype, l->head_dim, simd);
                 }
@@ -2742,21 +2752,31 @@ static LLMKV__T512 __m512 llmkv__z_e4m3(__m512i code) {
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v),
                                                 _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24)));
 }
-static LLMKV__T512 __m512 llmkv__z_q8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p + c)));
+/* The values of 16 loaded bytes: Q8 codes, Q4 code pairs (the low 8
+   bytes), FP8 codes; elements [c, c + 16) of their vector. */
+static LLMKV__T512 __m512 llmkv__z_q8_bytes(__m128i b, const unsigned char* sc, uint32_t c) {
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     return _mm512_mul_ps(x, llmkv__z_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
+}
+static LLMKV__T512 __m512 llmkv__z_q4_bytes(__m128i b, const unsigned char* sc, uint32_t c) {
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    return _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
+}
+static LLMKV__T512 __m512 llmkv__z_fp8_bytes(__m128i b, const unsigned char* sc) {
+    return _mm512_mul_ps(llmkv__z_e4m3(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(llmkv__ld_f32s(sc)));
+}
+static LLMKV__T512 __m512 llmkv__z_q8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    return llmkv__z_q8_bytes(_mm_maskz_loadu_epi8(m, p + c), sc, c);
 }
 static LLMKV__T512 __m512 llmkv__z_q4(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
     uint32_t n = (uint32_t)__builtin_popcount((unsigned)m);
     __m128i b = _mm_maskz_loadu_epi8((__mmask16)((1u << (n + 1) / 2) - 1), p + c / 2);
-    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
-    return _mm512_maskz_mov_ps(m, _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2)));
+    return _mm512_maskz_mov_ps(m, llmkv__z_q4_bytes(b, sc, c)); /* m + s 0 past the end: zeroed */
 }
 static LLMKV__T512 __m512 llmkv__z_fp8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m512 x = llmkv__z_e4m3(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p + c)));
-    return _mm512_mul_ps(x, _mm512_set1_ps(llmkv__ld_f32s(sc)));
+    return llmkv__z_fp8_bytes(_mm_maskz_loadu_epi8(m, p + c), sc);
 }
 
 static LLMKV__T512 float llmkv__hsum512(__m512 v) {
@@ -2764,10 +2784,10 @@ static LLMKV__T512 float llmkv__hsum512(__m512 v) {
     return llmkv__hsum256(h);
 }
 
-/* Byte offset of element c (even for Q4) in a stored vector of type t. */
-static size_t llmkv__boff(llmkv_dtype t, uint32_t c) {
-    return t == LLMKV_DTYPE_F32 ? 4 * (size_t)c
-         : t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16 ? 2 * (size_t)c : t == LLMKV_DTYPE_Q4 ? c / 2 : c;
+/* Byte offset, in a vector's scale row, of the scales of the group that
+   starts at element c (a multiple of 32). */
+static size_t llmkv__scale_off(llmkv_dtype t, uint32_t c) {
+    return t == LLMKV_DTYPE_Q8 ? 2 * (c / LLMKV__QGROUP) : t == LLMKV_DTYPE_Q4 ? 4 * (c / LLMKV__QGROUP) : 0;
 }
 
 /* Rows per kernel block: 4 while at least four remain, then 2, then 1. */
@@ -2811,19 +2831,13 @@ static LLMKV__T512 __m512 llmkv__z16_bf16(const unsigned char* p, const unsigned
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)(p + 2 * (size_t)c))), 16));
 }
 static LLMKV__T512 __m512 llmkv__z16_q8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p + c))));
-    return _mm512_mul_ps(x, llmkv__z_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
+    return llmkv__z_q8_bytes(_mm_loadu_si128((const __m128i*)(const void*)(p + c)), sc, c);
 }
 static LLMKV__T512 __m512 llmkv__z16_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m128i b = _mm_loadl_epi64((const __m128i*)(const void*)(p + c / 2));
-    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
-    return _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
+    return llmkv__z_q4_bytes(_mm_loadl_epi64((const __m128i*)(const void*)(p + c / 2)), sc, c);
 }
 static LLMKV__T512 __m512 llmkv__z16_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m512 x = llmkv__z_e4m3(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(p + c))));
-    return _mm512_mul_ps(x, _mm512_set1_ps(llmkv__ld_f32s(sc)));
+    return llmkv__z_fp8_bytes(_mm_loadu_si128((const __m128i*)(const void*)(p + c)), sc);
 }
 
 /* Lane n of the result is the sum of the lanes of x[n]. */
@@ -2870,9 +2884,9 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
         uint32_t KB = 16 / R, c, r, i;                                                                              \
         LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();                                          \
         for (c = 0; c + 16 <= D; c += 16) {                                                                         \
-            if (pr && llmkv__boff(TY, c) % 64 == 0)                                                                 \
+            if (pr && llmkv__vec_data_bytes(TY, c) % 64 == 0)                                                                 \
                 LLMKV__UNROLL for (i = 0; i < KB; ++i)                                                              \
-                    _mm_prefetch((const char*)pr[i] + llmkv__boff(TY, c), _MM_HINT_T1);                             \
+                    _mm_prefetch((const char*)pr[i] + llmkv__vec_data_bytes(TY, c), _MM_HINT_T1);                             \
             LLMKV__UNROLL for (i = 0; i < KB; ++i) kv[i] = LD16(kr[i], kc[i], c);                                   \
             LLMKV__UNROLL for (r = 0; r < R; ++r) qv[r] = _mm512_loadu_ps(q + (size_t)r * D + c);                  \
             LLMKV__UNROLL for (r = 0; r < R; ++r)                                                                   \
@@ -2888,12 +2902,13 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
         return llmkv__reduce16(a);                                                                                  \
     }
 
-/* One PV block: R rows of acc (D floats apart, already at column c0), NB
-   column blocks from column c0, the last one masked by `last`; every key
-   of the part. */
+/* One PV block: R rows of acc (D floats apart), NB column blocks, the
+   last one masked by `last`; every key of the part. acc, voff and vsoff
+   are already offset to the block's first column (a multiple of 64, so
+   the loaders' column c counts groups from there). */
 #define LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                   \
     LLMKV__I512 void llmkv__pvb_##SUFFIX(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v,   \
-                                         size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t c0,    \
+                                         size_t voff, const unsigned char* const* vs, size_t vsoff,                 \
                                          uint32_t J, float* acc, uint32_t R, uint32_t NB, __mmask16 last,           \
                                          const unsigned char* const* pf, uint32_t npf) {                            \
         __m512 a[16], vv[4];                                                                                        \
@@ -2903,12 +2918,13 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                 a[r * NB + i] = _mm512_maskz_loadu_ps(i + 1 == NB ? last : (__mmask16)0xffffu,                      \
                                                       acc + (size_t)r * D + 16 * i);                                \
         for (j = 0; j < J; ++j) {                                                                                   \
-            const unsigned char *row = v[j] + voff, *sc = vs[j] + vsoff;                                            \
+            const unsigned char* row = v[j] + voff;                                                                 \
+            const unsigned char* sc = llmkv__dtype_quant(TY) ? vs[j] + vsoff : row; /* unread without scales */   \
             if (j < npf)                                                                                            \
-                LLMKV__UNROLL for (i = 0; i < llmkv__boff(TY, NB * 16); i += 64)                                    \
-                    _mm_prefetch((const char*)pf[j] + voff + llmkv__boff(TY, c0) + i, _MM_HINT_T1);                 \
-            LLMKV__UNROLL for (i = 0; i + 1 < NB; ++i) vv[i] = LD16(row, sc, c0 + 16 * i);                          \
-            vv[NB - 1] = LDM(last, row, sc, c0 + 16 * (NB - 1));                                                    \
+                LLMKV__UNROLL for (i = 0; i < llmkv__vec_data_bytes(TY, NB * 16); i += 64)                                    \
+                    _mm_prefetch((const char*)pf[j] + voff + i, _MM_HINT_T1);                                       \
+            LLMKV__UNROLL for (i = 0; i + 1 < NB; ++i) vv[i] = LD16(row, sc, 16 * i);                               \
+            vv[NB - 1] = LDM(last, row, sc, 16 * (NB - 1));                                                         \
             LLMKV__UNROLL for (r = 0; r < R; ++r) {                                                                 \
                 __m512 p = _mm512_set1_ps(P[(size_t)r * sj + j]);                                                   \
                 LLMKV__UNROLL for (i = 0; i < NB; ++i) a[r * NB + i] = _mm512_fmadd_ps(p, vv[i], a[r * NB + i]);    \
@@ -2920,8 +2936,9 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                                       a[r * NB + i]);                                                               \
     }
 
-#define LLMKV__PVB_CALL(SUFFIX, R, NB)                                                                              \
-    llmkv__pvb_##SUFFIX(Pm, sj, D, v, voff, vs, vsoff, c, J, am + c, R, NB, last, pfm, npfm)
+#define LLMKV__PVB_CALL(SUFFIX, TY, R, NB)                                                                              \
+    llmkv__pvb_##SUFFIX(Pm, sj, D, v, voff + llmkv__vec_data_bytes(TY, c), vs, vsoff + llmkv__scale_off(TY, c), J,  \
+                        am + c, R, NB, last, pfm, npfm)
 
 /* The kernels proper: rows in blocks of 4, then 2, then 1. */
 #define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, TY)                                                                \
@@ -2933,6 +2950,7 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                                                       float* S, uint32_t sj, const unsigned char* const* pf,        \
                                                       uint32_t npf) {                                               \
         const unsigned char *kr[16], *kc[16], *pr[16];                                                              \
+        const unsigned char* const* kcs = llmkv__dtype_quant(TY) ? kc : kr; /* scale rows (unread without) */      \
         uint32_t m = 0, j, R, KB;                                                                                   \
         while (m < M) {                                                                                             \
             R = llmkv__row_block(M - m);                                                                            \
@@ -2942,11 +2960,11 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                 const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL;                                    \
                 __m512 s;                                                                                           \
                 llmkv__block_rows(k, J, j, KB, koff, kr);                                                           \
-                llmkv__block_rows(ks, J, j, KB, ksoff, kc);                                                         \
+                if (llmkv__dtype_quant(TY)) llmkv__block_rows(ks, J, j, KB, ksoff, kc);                             \
                 if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);                                               \
-                s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, kc, 4, prj)                                             \
-                           : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, kc, 2, prj)                                    \
-                                    : llmkv__qkb_##SUFFIX(qm, D, kr, kc, 1, prj);                                   \
+                s = R == 4 ? llmkv__qkb_##SUFFIX(qm, D, kr, kcs, 4, prj)                                             \
+                           : R == 2 ? llmkv__qkb_##SUFFIX(qm, D, kr, kcs, 2, prj)                                    \
+                                    : llmkv__qkb_##SUFFIX(qm, D, kr, kcs, 1, prj);                                   \
                 llmkv__store_scores(s, S + (size_t)m * sj + j, sj, R);                                              \
             }                                                                                                       \
             m += R;                                                                                                 \
@@ -2968,18 +2986,18 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                 __mmask16 last = (__mmask16)(tail ? (1u << tail) - 1 : 0xffffu);                                    \
                 NB = (left + 15) / 16;                                                                              \
                 switch (R * 4 + NB) {                                                                               \
-                case 20: LLMKV__PVB_CALL(SUFFIX, 4, 4); break;                                                      \
-                case 19: LLMKV__PVB_CALL(SUFFIX, 4, 3); break;                                                      \
-                case 18: LLMKV__PVB_CALL(SUFFIX, 4, 2); break;                                                      \
-                case 17: LLMKV__PVB_CALL(SUFFIX, 4, 1); break;                                                      \
-                case 12: LLMKV__PVB_CALL(SUFFIX, 2, 4); break;                                                      \
-                case 11: LLMKV__PVB_CALL(SUFFIX, 2, 3); break;                                                      \
-                case 10: LLMKV__PVB_CALL(SUFFIX, 2, 2); break;                                                      \
-                case 9: LLMKV__PVB_CALL(SUFFIX, 2, 1); break;                                                       \
-                case 8: LLMKV__PVB_CALL(SUFFIX, 1, 4); break;                                                       \
-                case 7: LLMKV__PVB_CALL(SUFFIX, 1, 3); break;                                                       \
-                case 6: LLMKV__PVB_CALL(SUFFIX, 1, 2); break;                                                       \
-                default: LLMKV__PVB_CALL(SUFFIX, 1, 1); break;                                                      \
+                case 20: LLMKV__PVB_CALL(SUFFIX, TY, 4, 4); break;                                                      \
+                case 19: LLMKV__PVB_CALL(SUFFIX, TY, 4, 3); break;                                                      \
+                case 18: LLMKV__PVB_CALL(SUFFIX, TY, 4, 2); break;                                                      \
+                case 17: LLMKV__PVB_CALL(SUFFIX, TY, 4, 1); break;                                                      \
+                case 12: LLMKV__PVB_CALL(SUFFIX, TY, 2, 4); break;                                                      \
+                case 11: LLMKV__PVB_CALL(SUFFIX, TY, 2, 3); break;                                                      \
+                case 10: LLMKV__PVB_CALL(SUFFIX, TY, 2, 2); break;                                                      \
+                case 9: LLMKV__PVB_CALL(SUFFIX, TY, 2, 1); break;                                                       \
+                case 8: LLMKV__PVB_CALL(SUFFIX, TY, 1, 4); break;                                                       \
+                case 7: LLMKV__PVB_CALL(SUFFIX, TY, 1, 3); break;                                                       \
+                case 6: LLMKV__PVB_CALL(SUFFIX, TY, 1, 2); break;                                                       \
+                default: LLMKV__PVB_CALL(SUFFIX, TY, 1, 1); break;                                                      \
                 }                                                                                                   \
             }                                                                                                       \
             m += R;                                                                                                 \
@@ -3800,6 +3818,7 @@ typedef struct llmkv__job {
     const unsigned char* v_base;
     const unsigned char* ks_base;   /* pool + layer offset + K scales */
     const unsigned char* vs_base;
+    int scaled;                     /* K or V has scales: the scale rows are filled */
 } llmkv__job;
 
 typedef struct llmkv__unit {
@@ -3915,7 +3934,8 @@ static uint64_t llmkv__unit_cost(const llmkv__job* jb, const llmkv__unit* u) {
 }
 
 /* Row pointers of the keys of a chunk and of the next one (K, V, and
-   their scale rows), at the unit's first KV head. */
+   their scale rows, filled only when a part has scales: the kernels of
+   the float types never read them), at the unit's first KV head. */
 typedef struct llmkv__chunk_ptrs {
     const unsigned char* k[2 * LLMKV__ATTN_CHUNK];
     const unsigned char* v[2 * LLMKV__ATTN_CHUNK];
@@ -3934,8 +3954,10 @@ static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, co
         uint32_t slot = (k + j) % ly->page_size;
         rw->k[at + j] = jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
         rw->v[at + j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
-        rw->ks[at + j] = jb->ks_base + page + (size_t)u->kvh0 * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
-        rw->vs[at + j] = jb->vs_base + page + (size_t)u->kvh0 * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
+        if (jb->scaled) {
+            rw->ks[at + j] = jb->ks_base + page + (size_t)u->kvh0 * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
+            rw->vs[at + j] = jb->vs_base + page + (size_t)u->kvh0 * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
+        }
     }
     return J;
 }
@@ -4016,7 +4038,7 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
         for (s0 = 0; s0 < J; s0 = s1) {
             s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
-                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, rw.k + s0, hb * ly->k.head_stride, rw.ks + s0,
+                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, rw.k + s0, hb * ly->k.head_stride, jb->scaled ? rw.ks + s0 : rw.k + s0,
                        hb * ly->k.scale_head_stride, s1 - s0, S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ,
                        rw.k + s0 + LLMKV__ATTN_AHEAD, npf);
         }
@@ -4044,13 +4066,15 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
             s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
             for (hb = 0; hb < NB; ++hb)
                 jb->pv(S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ, Mh, D, rw.v + s0, hb * ly->v.head_stride,
-                       rw.vs + s0, hb * ly->v.scale_head_stride, s1 - s0, acc + (size_t)hb * Mh * D,
+                       jb->scaled ? rw.vs + s0 : rw.v + s0, hb * ly->v.scale_head_stride, s1 - s0, acc + (size_t)hb * Mh * D,
                        rw.v + s0 + LLMKV__ATTN_AHEAD, npf);
         }
         memmove(rw.k, rw.k + J, Jn * sizeof rw.k[0]);
         memmove(rw.v, rw.v + J, Jn * sizeof rw.v[0]);
-        memmove(rw.ks, rw.ks + J, Jn * sizeof rw.ks[0]);
-        memmove(rw.vs, rw.vs + J, Jn * sizeof rw.vs[0]);
+        if (jb->scaled) {
+            memmove(rw.ks, rw.ks + J, Jn * sizeof rw.ks[0]);
+            memmove(rw.vs, rw.vs + J, Jn * sizeof rw.vs[0]);
+        }
     }
 
     for (r = 0; r < M; ++r) {
@@ -4158,6 +4182,7 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     jb->v_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.offset;
     jb->ks_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->k.scale_offset;
     jb->vs_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.scale_offset;
+    jb->scaled = ly->k.scale_bytes || ly->v.scale_bytes;
     jb->nth = nth;
     /* Split long keys ranges only when the units would not keep every
        thread busy: aim for two units per thread. */
