@@ -299,7 +299,6 @@ static void poison_slots(aenv* e, unsigned char* pool, uint32_t page, uint32_t s
                     uint16_t nh = 0x7e00u;
                     if (pl->dtype == LLMKV_DTYPE_FP8) memcpy(sc, &nb, 4);
                     else for (b = 0; b < pl->scale_slot_stride; b += 2) memcpy(sc + b, &nh, 2);
-                    (void)p;
                     continue;
                 }
                 for (d = 0; d < e->c.D; ++d) {
