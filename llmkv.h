@@ -192,7 +192,8 @@ LLMKV_API const char* llmkv_version(void);
    to the data (llmkv_part_layout); each head vector (one token, one KV
    head) is quantized on its own, so one token's values never change
    another's. Exact formats, rounding and the handling of NaN and infinity:
-   llmkv_quantize. */
+   llmkv_quantize. Q4C (keys only) is the exception: see "Per-channel keys"
+   below. */
 typedef enum llmkv_dtype {
     LLMKV_DTYPE_DEFAULT = 0,  /* storage: F16; caller buffers: see each call */
     LLMKV_DTYPE_F32 = 1,      /* IEEE binary32 */
@@ -200,8 +201,43 @@ typedef enum llmkv_dtype {
     LLMKV_DTYPE_BF16 = 3,     /* bfloat16: the high half of a binary32 */
     LLMKV_DTYPE_Q8 = 4,       /* storage: int8, one F16 scale per 32 elements */
     LLMKV_DTYPE_Q4 = 5,       /* storage: 4-bit codes, an F16 scale and minimum per 32 elements */
-    LLMKV_DTYPE_FP8 = 6       /* storage: FP8 E4M3 (finite, |x| <= 448), one F32 scale per vector */
+    LLMKV_DTYPE_FP8 = 6,      /* storage: FP8 E4M3 (finite, |x| <= 448), one F32 scale per vector */
+    LLMKV_DTYPE_Q4C = 7       /* K storage only: 4-bit codes quantized per channel over each full
+                                 page's tokens, the partly filled last page at F16 (see below) */
 } llmkv_dtype;
+
+/* Per-channel keys (Q4C, in the spirit of KIVI). Real keys have a few
+   channels far larger than the rest; a per-token group that holds one of
+   them spends all its 16 levels on it. Q4C groups along tokens instead:
+     - Every key element is first rounded to F16 (F32 and BF16 input are
+       converted; |x| > 65504 becomes an infinity).
+     - A page whose page_size slots are all written is quantized per
+       (layer, KV head, channel c) over its page_size values x_j exactly as
+       Q4 quantizes a group (llmkv_quantize): lo, hi = finite extremes,
+       m = f16(clamp(lo)), s = f16(clamp((hi - m) / 15, 0, 65504)),
+       codes rint(clamp((x_j - m) / s, 0, 15)), value m + s c (one
+       rounding); NaN as 0, infinities saturate. The codes of a token sit
+       in its slot (two per byte, as Q4); the (s, m) pairs of a page and
+       head form one table of ceil(head_dim / 16) blocks of 64 bytes (16
+       F16 scales, then the 16 minimums of those channels).
+     - The last page of a sequence, while not full, holds its keys at F16
+       in a staging area owned by the sequence slot (preallocated:
+       max_seqs * n_layers * n_kv_heads * page_size * head_dim * 2 bytes,
+       counted by llmkv_cache_memory_size). llmkv_put quantizes a page
+       when it writes the page's last slot, so a page's codes do not
+       depend on how its tokens arrived.
+     - llmkv_truncate into a full page, or a put that rewrites part of
+       one, turns the page's remaining slots back into F16 copies of their
+       dequantized values (lossy); it is quantized again when full.
+     - Every position of a page should be written before the page fills:
+       an unwritten slot (reserved, never put) takes part in its channels'
+       ranges with whatever its staging held.
+     - Values (V) stay per token: v_dtype Q4C is invalid. Not available
+       on metadata-only caches (LLMKV_ERR_UNSUPPORTED), nor to
+       llmkv_quantize / llmkv_dequantize / llmkv_vector_bytes (not a
+       per-vector format). The per-page table costs
+       ceil(head_dim / 16) * 64 / page_size bytes per token and head: use
+       pages of 32 tokens or more. */
 
 /* Where page bytes live. */
 typedef enum llmkv_storage {
@@ -411,14 +447,17 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
                                     void* v, size_t v_stride, llmkv_dtype dst_dtype);
 
 /* Starts a new sequence that shares every page of `src` (reference counts
-   only; no data is copied until either side writes a shared page).
+   only; no page is copied until either side writes a shared page; with
+   Q4C keys the F16 staging of the last page is copied).
    Thread safety: mutates the cache. */
 LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out);
 
 /* Shortens a sequence to n_tokens positions (n_tokens <= length): pages past
    the new end lose a reference. A shared tail page that remains is copied
-   by the next reserve that writes into it. Thread safety: mutates the
-   cache. */
+   by the next reserve that writes into it. With Q4C keys, a full page that
+   becomes the partial last one is copied to the sequence's F16 staging
+   (see "Per-channel keys"); nothing is allocated. Thread safety: mutates
+   the cache. */
 LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
 
 /* ------------------------------------------------------------------------ */
@@ -684,8 +723,8 @@ LLMKV_API float llmkv_bf16_to_f32(uint16_t h);
    Thread safety: any thread. */
 LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype);
 
-/* Lower-case name of a type ("f32", "f16", "bf16", "q8", "q4", "fp8"), or
-   "?". */
+/* Lower-case name of a type ("f32", "f16", "bf16", "q8", "q4", "fp8",
+   "q4c"), or "?". */
 LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype);
 
 /* Storage of one head vector of n elements (1..512) in type `dtype`:
@@ -883,6 +922,7 @@ LLMKV_API uint32_t llmkv_dtype_size(llmkv_dtype dtype) {
     case LLMKV_DTYPE_Q8: return 1;
     case LLMKV_DTYPE_Q4: return 0;
     case LLMKV_DTYPE_FP8: return 1;
+    case LLMKV_DTYPE_Q4C: return 0;
     }
     return 0;
 }
@@ -896,6 +936,7 @@ LLMKV_API const char* llmkv_dtype_name(llmkv_dtype dtype) {
     case LLMKV_DTYPE_Q8: return "q8";
     case LLMKV_DTYPE_Q4: return "q4";
     case LLMKV_DTYPE_FP8: return "fp8";
+    case LLMKV_DTYPE_Q4C: return "q4c";
     }
     return "?";
 }
@@ -911,7 +952,12 @@ static int llmkv__dtype_quant(llmkv_dtype t) {
 }
 
 /* Any storage type. */
-static int llmkv__dtype_storage(llmkv_dtype t) { return llmkv__dtype_valid(t) || llmkv__dtype_quant(t); }
+/* Keys quantized per channel over a page (LLMKV_DTYPE_Q4C). */
+static int llmkv__dtype_channel(llmkv_dtype t) { return t == LLMKV_DTYPE_Q4C; }
+
+static int llmkv__dtype_storage(llmkv_dtype t) {
+    return llmkv__dtype_valid(t) || llmkv__dtype_quant(t) || llmkv__dtype_channel(t);
+}
 
 /* Converts n elements between the plain float types. Same type: a copy. */
 /* Vector conversion (x86 with F16C/AVX2): converts a prefix of the n
@@ -961,8 +1007,13 @@ static void llmkv__convert(void* dst, llmkv_dtype dt, const void* src, llmkv_dty
    (even for Q4), so kernels call it with a constant t. */
 static uint32_t llmkv__vec_data_bytes(llmkv_dtype t, uint32_t n) {
     return t == LLMKV_DTYPE_F32 ? 4 * n
-         : t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16 ? 2 * n : t == LLMKV_DTYPE_Q4 ? (n + 1) / 2 : n;
+         : t == LLMKV_DTYPE_F16 || t == LLMKV_DTYPE_BF16 ? 2 * n
+         : t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_Q4C ? (n + 1) / 2 : n;
 }
+
+/* Bytes of a Q4C (page, head) table: per 16 channels, 16 F16 scales then
+   16 F16 minimums; the unused channels of the last block are zero. */
+static uint32_t llmkv__channel_table_bytes(uint32_t n) { return (n + 15) / 16 * 64; }
 
 static uint32_t llmkv__vec_scale_bytes(llmkv_dtype t, uint32_t n) {
     uint32_t g = (n + LLMKV__QGROUP - 1) / LLMKV__QGROUP;
@@ -1060,7 +1111,8 @@ static void llmkv__range_finite(const float* x, uint32_t n, float* lo, float* hi
 
 /* The encoding of elements [i0, n) of a vector whose scales are already
    written (the scalar reference; SIMD paths encode a prefix and call this
-   for the rest). */
+   for the rest). inv and mins hold one entry per group, or for a Q4C key
+   row one per element (its channels' scales). */
 static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint32_t n, unsigned char* data,
                                const float* inv, const float* mins) {
     uint32_t i;
@@ -1068,8 +1120,9 @@ static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint3
         uint32_t g = i / LLMKV__QGROUP;
         if (t == LLMKV_DTYPE_Q8) {
             data[i] = (unsigned char)(int8_t)rintf(llmkv__q_arg(x[i], 0.0f, inv[g], -127.0f, 127.0f));
-        } else if (t == LLMKV_DTYPE_Q4) {
-            uint32_t c = (uint32_t)rintf(llmkv__q_arg(x[i], mins[g], inv[g], 0.0f, 15.0f));
+        } else if (t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_Q4C) { /* Q4C: per element */
+            uint32_t e = t == LLMKV_DTYPE_Q4C ? i : g;
+            uint32_t c = (uint32_t)rintf(llmkv__q_arg(x[i], mins[e], inv[e], 0.0f, 15.0f));
             if (i % 2 == 0) data[i / 2] = (unsigned char)c;
             else data[i / 2] = (unsigned char)(data[i / 2] | c << 4);
         } else {
@@ -1133,7 +1186,7 @@ static void llmkv__dequantize_vec(llmkv_dtype t, const unsigned char* data, cons
 }
 
 LLMKV_API llmkv_result llmkv_vector_bytes(llmkv_dtype dtype, uint32_t n, uint32_t* data_bytes, uint32_t* scale_bytes) {
-    int ok = llmkv__dtype_storage(dtype) && n >= 1 && n <= 512;
+    int ok = llmkv__dtype_storage(dtype) && !llmkv__dtype_channel(dtype) && n >= 1 && n <= 512;
     if (data_bytes) *data_bytes = ok ? llmkv__vec_data_bytes(dtype, n) : 0;
     if (scale_bytes) *scale_bytes = ok ? llmkv__vec_scale_bytes(dtype, n) : 0;
     return ok ? LLMKV_OK : LLMKV_ERR_INVALID_ARGUMENT;
@@ -1245,9 +1298,17 @@ static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage type (k %d, v %d)", (int)d->k_dtype, (int)d->v_dtype);
         return LLMKV_ERR_INVALID_ARGUMENT;
     }
+    if (llmkv__dtype_channel(d->v_dtype)) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: q4c is a key type (values stay per token)");
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
     if (d->storage != LLMKV_STORAGE_DEFAULT && d->storage != LLMKV_STORAGE_METADATA_ONLY) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: unknown storage mode %d", (int)d->storage);
         return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    if (d->storage == LLMKV_STORAGE_METADATA_ONLY && llmkv__dtype_channel(d->k_dtype)) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: q4c keys need host pages (not metadata-only)");
+        return LLMKV_ERR_UNSUPPORTED;
     }
     if (d->max_seqs == 0) d->max_seqs = LLMKV__DEFAULT_MAX_SEQS;
     if (d->max_seqs > LLMKV__MAX_SEQS) {
@@ -1270,7 +1331,8 @@ static void llmkv__part(llmkv_part_layout* p, llmkv_dtype t, const llmkv_desc* d
     p->head_stride = p->slot_stride * d->page_size;
     p->bytes = p->head_stride * d->n_kv_heads;
     p->scale_slot_stride = llmkv__vec_scale_bytes(t, d->head_dim);
-    p->scale_head_stride = p->scale_slot_stride * d->page_size;
+    p->scale_head_stride = llmkv__dtype_channel(t) ? llmkv__channel_table_bytes(d->head_dim)
+                                                   : p->scale_slot_stride * d->page_size;
     p->scale_bytes = p->scale_head_stride * d->n_kv_heads;
 }
 
@@ -1363,9 +1425,22 @@ struct llmkv_cache {
     llmkv_copy_cmd* copies;     /* ring [max_pending_copies]; metadata-only */
     uint32_t copy_cap, copy_head, copy_count;
     uint64_t meta_bytes;        /* metadata footprint, for stats */
+
+    /* Q4C keys only (else NULL): kfill[slot * n_layers + layer] is the first
+       position of the page whose keys that slot holds at F16 in its
+       staging area (stage + (slot * n_layers + layer) * stage_layer
+       elements, [n_kv_heads][page_size][head_dim]), or LLMKV__NO_SLOT. */
+    uint32_t* kfill;
+    uint16_t* stage;
+    uint64_t stage_layer;       /* elements of one (slot, layer) staging block */
 };
 
 #define LLMKV__NO_SLOT 0xffffffffu
+
+/* Elements of the Q4C staging of one sequence slot (every layer). */
+static uint64_t llmkv__stage_slot_elems(const llmkv_layout* l) {
+    return (uint64_t)l->n_layers * l->n_kv_heads * l->page_size * l->head_dim;
+}
 
 /* CPU detection (defined with the attention kernels). cpuid is costly in a
    virtual machine (each one traps to the hypervisor), so a cache detects
@@ -1387,8 +1462,14 @@ static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t
     llmkv__carve(&c, (uint64_t)d->max_seqs * sizeof(llmkv__seq));
     llmkv__carve(&c, table_entries * 4);
     llmkv__carve(&c, queue * sizeof(llmkv_copy_cmd));
+    if (llmkv__dtype_channel(l->k.dtype)) llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 4);
     *meta = llmkv__align_up(c.used, LLMKV__ALIGN);
     *pages = d->storage == LLMKV_STORAGE_METADATA_ONLY ? 0 : l->page_bytes * d->n_pages;
+    if (llmkv__dtype_channel(l->k.dtype)) { /* + the F16 staging of every slot's tail page */
+        uint64_t per_slot = llmkv__stage_slot_elems(l) * 2;
+        if (per_slot > ((uint64_t)1 << 62) / d->max_seqs) return 0;
+        *pages = llmkv__align_up(*pages, LLMKV__ALIGN) + per_slot * d->max_seqs;
+    }
     return *meta < ((uint64_t)1 << 62) && *pages < ((uint64_t)1 << 62) &&
            *meta + *pages + LLMKV__ALIGN <= (uint64_t)(size_t)-1;
 }
@@ -1436,6 +1517,15 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     if (d->storage == LLMKV_STORAGE_METADATA_ONLY) {
         kv->copies = (llmkv_copy_cmd*)llmkv__carve(&c, (uint64_t)d->max_pending_copies * sizeof(llmkv_copy_cmd));
         kv->copy_cap = d->max_pending_copies;
+    }
+    if (llmkv__dtype_channel(l->k.dtype)) {
+        uint64_t e;
+        kv->kfill = (uint32_t*)llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 4);
+        for (e = 0; e < (uint64_t)d->max_seqs * d->n_layers; ++e) kv->kfill[e] = LLMKV__NO_SLOT;
+        kv->stage_layer = (uint64_t)l->n_kv_heads * l->page_size * l->head_dim;
+        if (pages)
+            kv->stage = (uint16_t*)(void*)((unsigned char*)pages +
+                                           llmkv__align_up(l->page_bytes * d->n_pages, LLMKV__ALIGN));
     }
     kv->meta_bytes = meta_size;
     kv->pool = (unsigned char*)pages;
@@ -1702,9 +1792,10 @@ static void llmkv__page_copy(llmkv_cache* kv, uint32_t src, uint32_t dst, uint32
                     uint64_t off = base + h * pl->head_stride, soff = sbase + h * pl->scale_head_stride;
                     memcpy(kv->pool + dst * l->page_bytes + off, kv->pool + src * l->page_bytes + off,
                            (size_t)(n_slots * pl->slot_stride));
-                    if (pl->scale_slot_stride)
+                    if (pl->scale_bytes) /* Q4C: one table per page and head */
                         memcpy(kv->pool + dst * l->page_bytes + soff, kv->pool + src * l->page_bytes + soff,
-                               (size_t)(n_slots * pl->scale_slot_stride));
+                               (size_t)(pl->scale_slot_stride ? n_slots * pl->scale_slot_stride
+                                                              : pl->scale_head_stride));
                 }
             }
         }
@@ -1741,6 +1832,187 @@ static void llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, 
     }
 }
 
+/* --- Per-channel keys (Q4C; see "Per-channel keys" in the API) ----------- */
+
+/* Channel c of a Q4C token row `codes` under the page table `tab`. */
+static float llmkv__channel_value(const unsigned char* codes, const unsigned char* tab, uint32_t c) {
+    const unsigned char* b = tab + (size_t)(c / 16) * 64 + (c % 16) * 2;
+    return fmaf(llmkv_f16_to_f32(llmkv__ld_u16(b)), (float)((codes[c / 2] >> (4 * (c % 2))) & 15u),
+                llmkv_f16_to_f32(llmkv__ld_u16(b + 32)));
+}
+
+/* Where the F16 key values of a page's slots (one layer, one head) come
+   from while the page is quantized: slots [in_lo, in_hi) from caller rows
+   (`in`, in_stride bytes apart, type in_type); the others from staging
+   rows (`stage`, head_dim apart) or, when stage is NULL, from the page's
+   own codes under its table `tab` (still the old one while they are
+   read). */
+typedef struct llmkv__channel_src {
+    const unsigned char* in;
+    size_t in_stride;
+    llmkv_dtype in_type;
+    uint32_t in_lo, in_hi;
+    const uint16_t* stage;
+    const unsigned char* codes;
+    size_t slot_stride;
+    const unsigned char* tab;
+} llmkv__channel_src;
+
+/* Slot j's F16 values, as F16 bits. */
+static void llmkv__channel_row16(const llmkv__channel_src* src, uint32_t j, uint32_t D, uint16_t* out, int simd) {
+    uint32_t c;
+    if (j >= src->in_lo && j < src->in_hi)
+        llmkv__convert(out, LLMKV_DTYPE_F16, src->in + (size_t)(j - src->in_lo) * src->in_stride, src->in_type, D,
+                       simd);
+    else if (src->stage)
+        memcpy(out, src->stage + (size_t)j * D, (size_t)D * 2);
+    else
+        for (c = 0; c < D; ++c)
+            out[c] = llmkv_f32_to_f16(llmkv__channel_value(src->codes + j * src->slot_stride, src->tab, c));
+}
+
+/* Quantizes the page_size slots of one (page, layer, head) per channel
+   from `src`, writing the codes (rows src->slot_stride apart from
+   src->codes) and then the table src->tab. A slot read from the page
+   itself is read, in both passes, before its row is rewritten, and the
+   old table is replaced only at the end. */
+static void llmkv__channel_encode(const llmkv__channel_src* src, uint32_t ps, uint32_t D, uint32_t paths) {
+    float lo[LLMKV__MAX_HEAD_DIM], hi[LLMKV__MAX_HEAD_DIM], inv[LLMKV__MAX_HEAD_DIM], mn[LLMKV__MAX_HEAD_DIM];
+    float x[LLMKV__MAX_HEAD_DIM];
+    uint16_t h[LLMKV__MAX_HEAD_DIM];
+    unsigned char tab[LLMKV__MAX_HEAD_DIM / 16 * 64], row[LLMKV__MAX_HEAD_DIM / 2];
+    unsigned char* codes = (unsigned char*)(uintptr_t)src->codes;
+    uint32_t j, c, nb = (D + 1) / 2;
+    int simd = (int)(paths >> LLMKV_CPU_PATH_AVX2 & 1u);
+    for (c = 0; c < D; ++c) {
+        lo[c] = INFINITY;
+        hi[c] = -INFINITY;
+    }
+    for (j = 0; j < ps; ++j) {
+        llmkv__channel_row16(src, j, D, h, simd);
+        llmkv__convert(x, LLMKV_DTYPE_F32, h, LLMKV_DTYPE_F16, D, simd);
+        for (c = 0; c < D; ++c)
+            if (llmkv__finite(x[c])) {
+                lo[c] = x[c] < lo[c] ? x[c] : lo[c];
+                hi[c] = x[c] > hi[c] ? x[c] : hi[c];
+            }
+    }
+    memset(tab, 0, llmkv__channel_table_bytes(D));
+    for (c = 0; c < D; ++c) {
+        unsigned char sm[4];
+        unsigned char* b = tab + (size_t)(c / 16) * 64 + (c % 16) * 2;
+        if (lo[c] > hi[c]) lo[c] = hi[c] = 0.0f; /* no finite value */
+        inv[c] = llmkv__q4_scale(lo[c], hi[c], sm, &mn[c]);
+        memcpy(b, sm, 2);
+        memcpy(b + 32, sm + 2, 2);
+    }
+    for (j = 0; j < ps; ++j) {
+        llmkv__channel_row16(src, j, D, h, simd);
+        llmkv__convert(x, LLMKV_DTYPE_F32, h, LLMKV_DTYPE_F16, D, simd);
+        c = paths ? llmkv__encode_simd(LLMKV_DTYPE_Q4C, x, D, row, inv, mn, paths) : 0;
+        llmkv__encode_tail(LLMKV_DTYPE_Q4C, x, c, D, row, inv, mn);
+        memcpy(codes + j * src->slot_stride, row, nb);
+    }
+    memcpy((unsigned char*)(uintptr_t)src->tab, tab, llmkv__channel_table_bytes(D));
+}
+
+/* Page bytes of (page p, layer) and that slot's staging block. */
+static unsigned char* llmkv__page_layer(const llmkv_cache* kv, uint32_t p, uint32_t layer) {
+    return kv->pool + (size_t)p * kv->layout.page_bytes + (size_t)layer * kv->layout.layer_stride;
+}
+static uint16_t* llmkv__stage_block(const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
+    return kv->stage + ((size_t)slot * kv->layout.n_layers + layer) * kv->stage_layer;
+}
+
+/* Quantizes the staged page of (slot, layer) into its page and clears the
+   staging mark. */
+static void llmkv__channel_flush(llmkv_cache* kv, uint32_t slot, uint32_t layer) {
+    const llmkv_layout* l = &kv->layout;
+    uint32_t* kf = &kv->kfill[(size_t)slot * l->n_layers + layer];
+    unsigned char* base = llmkv__page_layer(kv, llmkv__table(kv, slot)[*kf / l->page_size], layer);
+    uint32_t h;
+    for (h = 0; h < l->n_kv_heads; ++h) {
+        llmkv__channel_src src;
+        memset(&src, 0, sizeof src);
+        src.stage = llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim;
+        src.codes = base + l->k.offset + h * l->k.head_stride;
+        src.slot_stride = l->k.slot_stride;
+        src.tab = base + l->k.scale_offset + h * l->k.scale_head_stride;
+        llmkv__channel_encode(&src, l->page_size, l->head_dim, kv->cpu_paths);
+    }
+    *kf = LLMKV__NO_SLOT;
+}
+
+/* Stages slots [0, n) of the full page at index P of (slot, layer): F16
+   copies of their dequantized keys. */
+static void llmkv__channel_stage(llmkv_cache* kv, uint32_t slot, uint32_t layer, uint32_t P, uint32_t n) {
+    const llmkv_layout* l = &kv->layout;
+    unsigned char* base = llmkv__page_layer(kv, llmkv__table(kv, slot)[P], layer);
+    int simd = (int)(kv->cpu_paths >> LLMKV_CPU_PATH_AVX2 & 1u);
+    uint32_t h, j;
+    for (h = 0; h < l->n_kv_heads; ++h) {
+        llmkv__channel_src src;
+        uint16_t* sh = llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim;
+        memset(&src, 0, sizeof src);
+        src.codes = base + l->k.offset + h * l->k.head_stride;
+        src.slot_stride = l->k.slot_stride;
+        src.tab = base + l->k.scale_offset + h * l->k.scale_head_stride;
+        for (j = 0; j < n; ++j) llmkv__channel_row16(&src, j, l->head_dim, sh + (size_t)j * l->head_dim, simd);
+    }
+    kv->kfill[(size_t)slot * l->n_layers + layer] = P * l->page_size;
+}
+
+/* The staged page a put of positions [first, length) must quantize before
+   it stages another (an older page left staged because no put reached its
+   end), or LLMKV__NO_SLOT. */
+static uint32_t llmkv__channel_stale(const llmkv_cache* kv, uint32_t slot, uint32_t layer, uint32_t first,
+                                     uint32_t length) {
+    uint32_t ps = kv->layout.page_size, kf;
+    if (!kv->kfill) return LLMKV__NO_SLOT;
+    kf = kv->kfill[(size_t)slot * kv->layout.n_layers + layer];
+    return kf != LLMKV__NO_SLOT && kf / ps < first / ps && length % ps ? kf : LLMKV__NO_SLOT;
+}
+
+/* The key half of a put of positions [first, length) of one layer into
+   Q4C pages (already private): full pages are quantized, the partial last
+   page is staged at F16. k: the caller's rows, k_stride apart, type st. */
+static void llmkv__put_channel(llmkv_cache* kv, uint32_t slot, uint32_t layer, uint32_t first, uint32_t length,
+                               const unsigned char* k, size_t k_stride, llmkv_dtype st, int simd) {
+    const llmkv_layout* l = &kv->layout;
+    const uint32_t* t = llmkv__table(kv, slot);
+    uint32_t ps = l->page_size, D = l->head_dim, P, h, j;
+    uint32_t* kf = &kv->kfill[(size_t)slot * l->n_layers + layer];
+    uint16_t* stage = llmkv__stage_block(kv, slot, layer);
+    size_t head_in = (size_t)D * llmkv_dtype_size(st);
+    for (P = first / ps; P <= (length - 1) / ps; ++P) {
+        uint32_t lo = first > P * ps ? first : P * ps, hi = length < (P + 1) * ps ? length : (P + 1) * ps;
+        unsigned char* base = llmkv__page_layer(kv, t[P], layer);
+        int staged = *kf == P * ps, full = hi == (P + 1) * ps;
+        if (!full && !staged && *kf != LLMKV__NO_SLOT) llmkv__channel_flush(kv, slot, layer);
+        for (h = 0; h < l->n_kv_heads; ++h) {
+            llmkv__channel_src src;
+            uint16_t* sh = stage + (size_t)h * ps * D;
+            src.in = k + (size_t)(lo - first) * k_stride + h * head_in;
+            src.in_stride = k_stride;
+            src.in_type = st;
+            src.in_lo = lo - P * ps;
+            src.in_hi = hi - P * ps;
+            src.stage = staged ? sh : NULL;
+            src.codes = base + l->k.offset + h * l->k.head_stride;
+            src.slot_stride = l->k.slot_stride;
+            src.tab = base + l->k.scale_offset + h * l->k.scale_head_stride;
+            if (full) {
+                llmkv__channel_encode(&src, ps, D, kv->cpu_paths);
+                continue;
+            }
+            /* The partial last page: every slot at F16 in the staging (the
+               earlier ones from the page when it was not staged yet). */
+            for (j = staged ? src.in_lo : 0; j < src.in_hi; ++j) llmkv__channel_row16(&src, j, D, sh + (size_t)j * D, simd);
+        }
+        *kf = full ? (staged ? LLMKV__NO_SLOT : *kf) : P * ps;
+    }
+}
+
 LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     uint32_t slot;
     llmkv__seq* s;
@@ -1767,6 +2039,10 @@ static void llmkv__slot_release(llmkv_cache* kv, uint32_t slot) {
     s->live = 0;
     s->length = 0;
     s->n_pages = 0;
+    if (kv->kfill) {
+        uint32_t l;
+        for (l = 0; l < kv->layout.n_layers; ++l) kv->kfill[(size_t)slot * kv->layout.n_layers + l] = LLMKV__NO_SLOT;
+    }
     s->gen = s->gen >= kv->gen_max ? 1 : s->gen + 1;
     s->next_free = LLMKV__NO_SLOT;
     if (kv->free_tail == LLMKV__NO_SLOT) kv->free_head = slot;
@@ -1887,7 +2163,7 @@ LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t
    quantized types. */
 static llmkv_dtype llmkv__gather_type(llmkv_dtype stored, llmkv_dtype asked) {
     if (asked != LLMKV_DTYPE_DEFAULT) return asked;
-    return llmkv__dtype_quant(stored) ? LLMKV_DTYPE_F32 : stored;
+    return llmkv__dtype_quant(stored) || llmkv__dtype_channel(stored) ? LLMKV_DTYPE_F32 : stored;
 }
 
 /* Checks a token-row buffer argument; 0 stride means packed rows. */
@@ -1905,7 +2181,7 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     const llmkv_layout* l;
     llmkv__seq* s;
     const uint32_t* t;
-    uint32_t slot, first, i, h, part, shared;
+    uint32_t slot, first, i, h, part, shared, stale;
     size_t elem, row;
     llmkv_result r;
     int simd;
@@ -1924,10 +2200,14 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
     if (n_tokens == 0 || (!k && !v)) return LLMKV_OK;
     first = s->length - n_tokens;
-    shared = llmkv__shared_in_range(cache, slot, first, s->length);
+    /* Q4C: an older staged page this put must quantize is written too. */
+    stale = k ? llmkv__channel_stale(cache, slot, layer, first, s->length) : LLMKV__NO_SLOT;
+    shared = llmkv__shared_in_range(cache, slot, first, s->length) +
+             (stale != LLMKV__NO_SLOT ? llmkv__shared_in_range(cache, slot, stale, stale + l->page_size) : 0);
     if (shared) {
         if (shared > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
         llmkv__unshare_range(cache, slot, first, s->length);
+        if (stale != LLMKV__NO_SLOT) llmkv__unshare_range(cache, slot, stale, stale + l->page_size);
         s->epoch = ++cache->epoch;
     }
     t = llmkv__table(cache, slot);
@@ -1937,6 +2217,10 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
         size_t stride = part ? v_stride : k_stride;
         int quant = llmkv__dtype_quant(pl->dtype);
         if (!src) continue;
+        if (llmkv__dtype_channel(pl->dtype)) {
+            llmkv__put_channel(cache, slot, layer, first, s->length, src, stride, src_dtype, simd);
+            continue;
+        }
         for (i = 0; i < n_tokens; ++i) {
             uint32_t pos = first + i;
             unsigned char* page = cache->pool + t[pos / l->page_size] * l->page_bytes + layer * l->layer_stride;
@@ -1993,10 +2277,32 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
         size_t out_head = (size_t)l->head_dim * llmkv_dtype_size(out_t);
         unsigned char* dst = (unsigned char*)(part ? v : k);
         size_t stride = part ? v_stride : k_stride;
-        int quant = llmkv__dtype_quant(pl->dtype);
+        int quant = llmkv__dtype_quant(pl->dtype), channel = llmkv__dtype_channel(pl->dtype);
+        uint32_t kf = channel ? cache->kfill[(size_t)slot * l->n_layers + layer] : LLMKV__NO_SLOT;
         if (!dst) continue;
         for (i = 0; i < n_tokens; ++i) {
             uint32_t p = pos + i;
+            if (channel) { /* staged at F16, or per-channel codes */
+                const unsigned char* page = llmkv__page_layer(cache, t[p / l->page_size], layer);
+                for (h = 0; h < l->n_kv_heads; ++h) {
+                    unsigned char* out = dst + i * stride + h * out_head;
+                    float x[LLMKV__MAX_HEAD_DIM];
+                    uint32_t c;
+                    if (kf == p / l->page_size * l->page_size) {
+                        llmkv__convert(out, out_t,
+                                       llmkv__stage_block(cache, slot, layer) +
+                                           ((size_t)h * l->page_size + p % l->page_size) * l->head_dim,
+                                       LLMKV_DTYPE_F16, l->head_dim, simd);
+                        continue;
+                    }
+                    for (c = 0; c < l->head_dim; ++c)
+                        x[c] = llmkv__channel_value(page + pl->offset + h * pl->head_stride +
+                                                        (p % l->page_size) * pl->slot_stride,
+                                                    page + pl->scale_offset + h * pl->scale_head_stride, c);
+                    llmkv__convert(out, out_t, x, LLMKV_DTYPE_F32, l->head_dim, simd);
+                }
+                continue;
+            }
             const unsigned char* page = cache->pool + t[p / l->page_size] * l->page_bytes + layer * l->layer_stride;
             const unsigned char* src = page + pl->offset + (p % l->page_size) * pl->slot_stride;
             const unsigned char* sc = page + pl->scale_offset + (p % l->page_size) * pl->scale_slot_stride;
@@ -2035,6 +2341,16 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     for (i = 0; i < s->n_pages; ++i) cache->refcount[st[i]]++;
     d->length = s->length;
     d->n_pages = s->n_pages;
+    if (cache->kfill) { /* Q4C: the staged keys are the sequence's own */
+        uint32_t l, L = cache->layout.n_layers;
+        for (l = 0; l < L; ++l) {
+            uint32_t kf = cache->kfill[(size_t)src_slot * L + l];
+            cache->kfill[(size_t)dst_slot * L + l] = kf;
+            if (kf != LLMKV__NO_SLOT)
+                memcpy(llmkv__stage_block(cache, dst_slot, l), llmkv__stage_block(cache, src_slot, l),
+                       (size_t)cache->stage_layer * 2);
+        }
+    }
     /* The source's pages just became read-only: batches that could write
        through its slot mapping must be rebuilt. */
     s->epoch = ++cache->epoch;
@@ -2054,6 +2370,15 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
     t = llmkv__table(cache, slot);
     keep = llmkv__div_up(n_tokens, cache->layout.page_size);
     while (s->n_pages > keep) llmkv__page_release(cache, t[--s->n_pages]);
+    if (cache->kfill) { /* Q4C: a staged page that starts past the end is gone; a
+                             full page that becomes the last is staged */
+        uint32_t l, L = cache->layout.n_layers, ps = cache->layout.page_size;
+        for (l = 0; l < L; ++l) {
+            uint32_t* kf = &cache->kfill[(size_t)slot * L + l];
+            if (*kf != LLMKV__NO_SLOT && *kf >= n_tokens) *kf = LLMKV__NO_SLOT;
+            if (n_tokens % ps && *kf == LLMKV__NO_SLOT) llmkv__channel_stage(cache, slot, l, n_tokens / ps, n_tokens % ps);
+        }
+    }
     s->length = n_tokens;
     s->epoch = ++cache->epoch;
     return LLMKV_OK;
@@ -2370,6 +2695,9 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
         if (!s->live) {
             if (s->length || s->n_pages)
                 return llmkv__corrupt(message, message_size, "free slot %u holds %u positions", i, s->length);
+            for (j = 0; cache->kfill && j < cache->layout.n_layers; ++j)
+                if (cache->kfill[(size_t)i * cache->layout.n_layers + j] != LLMKV__NO_SLOT)
+                    return llmkv__corrupt(message, message_size, "free slot %u holds staged keys", i);
             continue;
         }
         live++;
@@ -2379,6 +2707,12 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
             return llmkv__corrupt(message, message_size, "slot %u: %u pages for %u positions", i, s->n_pages, s->length);
         if (s->epoch > cache->epoch)
             return llmkv__corrupt(message, message_size, "slot %u: epoch from the future", i);
+        for (j = 0; cache->kfill && j < cache->layout.n_layers; ++j) {
+            uint32_t kf = cache->kfill[(size_t)i * cache->layout.n_layers + j];
+            if (kf != LLMKV__NO_SLOT && (kf % ps || kf >= s->length))
+                return llmkv__corrupt(message, message_size, "slot %u layer %u: staged page at %u of %u positions", i,
+                                      j, kf, s->length);
+        }
         for (j = 0; j < s->n_pages; ++j) {
             if (t[j] >= cache->n_pages)
                 return llmkv__corrupt(message, message_size, "slot %u: page %u of its table is id %u >= %u", i, j,
@@ -2577,11 +2911,11 @@ typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
 typedef float (*llmkv__max_fn)(const float* x, uint32_t n);
 
 typedef struct llmkv__kernels {
-    llmkv__qk_fn qk[6]; /* by storage type: F32, F16, BF16, Q8, Q4, FP8 */
-    llmkv__pv_fn pv[6];
+    llmkv__qk_fn qk[7]; /* by storage type: F32, F16, BF16, Q8, Q4, FP8, Q4C (raw codes) */
+    llmkv__pv_fn pv[7]; /* pv[6] unused: values are never Q4C */
     llmkv__ex_fn ex;
     llmkv__max_fn max; /* max of n >= 1 scores (-inf allowed) */
-    int q_bf16[6];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
+    int q_bf16[7];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
 } llmkv__kernels;
 
 /* Asks for n rows (each at `offset` from its pointer) to be brought into the
@@ -2620,8 +2954,12 @@ static float llmkv__ld_q4(const unsigned char* p, const unsigned char* sc, uint3
 static float llmkv__ld_fp8(const unsigned char* p, const unsigned char* sc, uint32_t i) {
     return llmkv__q_value(LLMKV_DTYPE_FP8, p, sc, i);
 }
+static float llmkv__ld_code4(const unsigned char* p, const unsigned char* sc, uint32_t i) { /* a bare 4-bit code */
+    (void)sc;
+    return (float)((p[i / 2] >> (4 * (i % 2))) & 15u);
+}
 
-#define LLMKV__SCALAR_KERNELS(SUFFIX, LD, TY)                                                                     \
+#define LLMKV__SCALAR_QK(SUFFIX, LD, TY)                                                                     \
     static void llmkv__qk_scalar_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,     \
                                           size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,   \
                                           float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {    \
@@ -2633,7 +2971,8 @@ static float llmkv__ld_fp8(const unsigned char* p, const unsigned char* sc, uint
                 for (d = 0; d < D; ++d) s += q[(size_t)m * D + d] * LD(k[j] + koff, ks[j] + ksoff, d);            \
                 S[(size_t)m * sj + j] = s;                                                                       \
             }                                                                                                    \
-    }                                                                                                            \
+    }
+#define LLMKV__SCALAR_PV(SUFFIX, LD, TY) \
     static void llmkv__pv_scalar_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                    \
                                           const unsigned char* const* v, size_t voff, const unsigned char* const* vs, \
                                           size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf,     \
@@ -2646,12 +2985,16 @@ static float llmkv__ld_fp8(const unsigned char* p, const unsigned char* sc, uint
                 for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                     \
             }                                                                                                    \
     }
+#define LLMKV__SCALAR_KERNELS(SUFFIX, LD, TY) LLMKV__SCALAR_QK(SUFFIX, LD, TY) LLMKV__SCALAR_PV(SUFFIX, LD, TY)
 LLMKV__SCALAR_KERNELS(f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
 LLMKV__SCALAR_KERNELS(f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
 LLMKV__SCALAR_KERNELS(bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
 LLMKV__SCALAR_KERNELS(q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
 LLMKV__SCALAR_KERNELS(q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
 LLMKV__SCALAR_KERNELS(fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
+/* Q4C keys: QK over the raw codes (llmkv__qk_channel folds the table into
+   the query); values are never Q4C. */
+LLMKV__SCALAR_QK(q4c, llmkv__ld_code4, LLMKV_DTYPE_Q4C)
 
 static float llmkv__max_scalar(const float* x, uint32_t n) {
     float m = x[0];
@@ -2758,11 +3101,13 @@ static LLMKV__T512 __m512 llmkv__z_q8_bytes(__m128i b, const unsigned char* sc, 
     __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     return _mm512_mul_ps(x, llmkv__z_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
 }
-static LLMKV__T512 __m512 llmkv__z_q4_bytes(__m128i b, const unsigned char* sc, uint32_t c) {
+static LLMKV__T512 __m512 llmkv__z_code4_bytes(__m128i b) { /* bare 4-bit codes */
     __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+static LLMKV__T512 __m512 llmkv__z_q4_bytes(__m128i b, const unsigned char* sc, uint32_t c) {
     const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
-    return _mm512_fmadd_ps(x, llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
+    return _mm512_fmadd_ps(llmkv__z_code4_bytes(b), llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
 }
 static LLMKV__T512 __m512 llmkv__z_fp8_bytes(__m128i b, const unsigned char* sc) {
     return _mm512_mul_ps(llmkv__z_e4m3(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(llmkv__ld_f32s(sc)));
@@ -2777,6 +3122,11 @@ static LLMKV__T512 __m512 llmkv__z_q4(__mmask16 m, const unsigned char* p, const
 }
 static LLMKV__T512 __m512 llmkv__z_fp8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
     return llmkv__z_fp8_bytes(_mm_maskz_loadu_epi8(m, p + c), sc);
+}
+static LLMKV__T512 __m512 llmkv__z_code4(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    uint32_t n = (uint32_t)__builtin_popcount((unsigned)m);
+    (void)sc;
+    return _mm512_maskz_mov_ps(m, llmkv__z_code4_bytes(_mm_maskz_loadu_epi8((__mmask16)((1u << (n + 1) / 2) - 1), p + c / 2)));
 }
 
 static LLMKV__T512 float llmkv__hsum512(__m512 v) {
@@ -2838,6 +3188,10 @@ static LLMKV__T512 __m512 llmkv__z16_q4(const unsigned char* p, const unsigned c
 }
 static LLMKV__T512 __m512 llmkv__z16_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     return llmkv__z_fp8_bytes(_mm_loadu_si128((const __m128i*)(const void*)(p + c)), sc);
+}
+static LLMKV__T512 __m512 llmkv__z16_code4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    (void)sc;
+    return llmkv__z_code4_bytes(_mm_loadl_epi64((const __m128i*)(const void*)(p + c / 2)));
 }
 
 /* Lane n of the result is the sum of the lanes of x[n]. */
@@ -2941,9 +3295,8 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
                         am + c, R, NB, last, pfm, npfm)
 
 /* The kernels proper: rows in blocks of 4, then 2, then 1. */
-#define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, TY)                                                                \
+#define LLMKV__AVX512_QK(SUFFIX, LD16, LDM, TY)                                                                \
     LLMKV__QK512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                       \
-    LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                       \
     static LLMKV__T512 void llmkv__qk_avx512_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
                                                       const unsigned char* const* k, size_t koff,                   \
                                                       const unsigned char* const* ks, size_t ksoff, uint32_t J,     \
@@ -2969,7 +3322,9 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
             }                                                                                                       \
             m += R;                                                                                                 \
         }                                                                                                           \
-    }                                                                                                               \
+    }
+#define LLMKV__AVX512_PV(SUFFIX, LD16, LDM, TY) \
+    LLMKV__PV512_BLOCK(SUFFIX, LD16, LDM, TY)                                                                       \
     static LLMKV__T512 void llmkv__pv_avx512_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,         \
                                                       const unsigned char* const* v, size_t voff,                   \
                                                       const unsigned char* const* vs, size_t vsoff, uint32_t J,     \
@@ -3003,12 +3358,14 @@ LLMKV__I512 void llmkv__store_scores(__m512 s, float* S, uint32_t sj, uint32_t R
             m += R;                                                                                                 \
         }                                                                                                           \
     }
+#define LLMKV__AVX512_KERNELS(SUFFIX, LD16, LDM, TY) LLMKV__AVX512_QK(SUFFIX, LD16, LDM, TY) LLMKV__AVX512_PV(SUFFIX, LD16, LDM, TY)
 LLMKV__AVX512_KERNELS(f32, llmkv__z16_f32, llmkv__z_f32, LLMKV_DTYPE_F32)
 LLMKV__AVX512_KERNELS(f16, llmkv__z16_f16, llmkv__z_f16, LLMKV_DTYPE_F16)
 LLMKV__AVX512_KERNELS(bf16, llmkv__z16_bf16, llmkv__z_bf16, LLMKV_DTYPE_BF16)
 LLMKV__AVX512_KERNELS(q8, llmkv__z16_q8, llmkv__z_q8, LLMKV_DTYPE_Q8)
 LLMKV__AVX512_KERNELS(q4, llmkv__z16_q4, llmkv__z_q4, LLMKV_DTYPE_Q4)
 LLMKV__AVX512_KERNELS(fp8, llmkv__z16_fp8, llmkv__z_fp8, LLMKV_DTYPE_FP8)
+LLMKV__AVX512_QK(q4c, llmkv__z16_code4, llmkv__z_code4, LLMKV_DTYPE_Q4C)
 
 /* --- AVX-512 with BF16 dot products ---------------------------------------- */
 /* For BF16 K and V only: vdpbf16ps multiplies pairs of BF16 values and adds
@@ -3247,16 +3604,19 @@ static LLMKV__T256 __m256 llmkv__y_q8(const unsigned char* p, const unsigned cha
     __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p + c))));
     return _mm256_mul_ps(x, llmkv__y_f16_bcast(sc + 2 * (c / LLMKV__QGROUP)));
 }
-static LLMKV__T256 __m256 llmkv__y_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+static LLMKV__T256 __m256 llmkv__y_code4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     int32_t w;
     __m128i b, lo, hi;
-    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    (void)sc;
     memcpy(&w, p + c / 2, 4);
     b = _mm_cvtsi32_si128(w);
     lo = _mm_and_si128(b, _mm_set1_epi8(15));
     hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))), llmkv__y_f16_bcast(g),
-                           llmkv__y_f16_bcast(g + 2));
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+}
+static LLMKV__T256 __m256 llmkv__y_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    return _mm256_fmadd_ps(llmkv__y_code4(p, sc, c), llmkv__y_f16_bcast(g), llmkv__y_f16_bcast(g + 2));
 }
 static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p + c)));
@@ -3269,7 +3629,7 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
     return _mm256_mul_ps(v, _mm256_set1_ps(llmkv__ld_f32s(sc)));
 }
 
-#define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, TY)                                                                  \
+#define LLMKV__AVX2_QK(SUFFIX, LD, LDS, TY)                                                                  \
     static LLMKV__T256 void llmkv__qk_avx2_##SUFFIX(const float* q, uint32_t M, uint32_t D,                      \
                                                     const unsigned char* const* k, size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S,      \
                                                     uint32_t sj, const unsigned char* const* pf, uint32_t npf) {  \
@@ -3310,7 +3670,8 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
                 S[(size_t)m * sj + j] = llmkv__hsum256(a0) + t0;                                                  \
             }                                                                                                     \
         }                                                                                                         \
-    }                                                                                                             \
+    }
+#define LLMKV__AVX2_PV(SUFFIX, LD, LDS, TY) \
     static LLMKV__T256 void llmkv__pv_avx2_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,        \
                                                     const unsigned char* const* v, size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) { \
         uint32_t n = D / 8, m = 0, j, c, d;                                                                       \
@@ -3351,12 +3712,14 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
+#define LLMKV__AVX2_KERNELS(SUFFIX, LD, LDS, TY) LLMKV__AVX2_QK(SUFFIX, LD, LDS, TY) LLMKV__AVX2_PV(SUFFIX, LD, LDS, TY)
 LLMKV__AVX2_KERNELS(f32, llmkv__y_f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
 LLMKV__AVX2_KERNELS(f16, llmkv__y_f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
 LLMKV__AVX2_KERNELS(bf16, llmkv__y_bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
 LLMKV__AVX2_KERNELS(q8, llmkv__y_q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
 LLMKV__AVX2_KERNELS(q4, llmkv__y_q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
 LLMKV__AVX2_KERNELS(fp8, llmkv__y_fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
+LLMKV__AVX2_QK(q4c, llmkv__y_code4, llmkv__ld_code4, LLMKV_DTYPE_Q4C)
 
 static LLMKV__T256 __m256 llmkv__exp256(__m256 x) {
     __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
@@ -3407,10 +3770,10 @@ static LLMKV__T256 float llmkv__ex_avx2(float* x, uint32_t n, float sub) {
    llmkv__q_arg / llmkv__e4m3 in the same order (vcvtps2dq rounds to
    nearest even like rintf), so the bytes equal the scalar encoder's. */
 
-static LLMKV__T512 __m512 llmkv__z_q_arg(__m512 x, float m, float inv, float lo, float hi) {
+static LLMKV__T512 __m512 llmkv__z_q_arg(__m512 x, __m512 m, __m512 inv, float lo, float hi) {
     __m512 y;
     x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);
-    y = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_set1_ps(m)), _mm512_set1_ps(inv));
+    y = _mm512_mul_ps(_mm512_sub_ps(x, m), inv);
     y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
     return _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
 }
@@ -3433,24 +3796,26 @@ static LLMKV__T512 uint32_t llmkv__encode_avx512(llmkv_dtype t, const float* x, 
         __m512 v = _mm512_loadu_ps(x + i);
         uint32_t g = i / LLMKV__QGROUP;
         if (t == LLMKV_DTYPE_Q8) {
-            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f));
+            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, _mm512_setzero_ps(), _mm512_set1_ps(inv[g]), -127.0f, 127.0f));
             _mm_storeu_si128((__m128i*)(void*)(data + i), _mm512_cvtepi32_epi8(c));
-        } else if (t == LLMKV_DTYPE_Q4) {
-            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, mins[g], inv[g], 0.0f, 15.0f));
+        } else if (t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_Q4C) { /* Q4C: a minimum and scale per element */
+            __m512 m = t == LLMKV_DTYPE_Q4C ? _mm512_loadu_ps(mins + i) : _mm512_set1_ps(mins[g]);
+            __m512 r = t == LLMKV_DTYPE_Q4C ? _mm512_loadu_ps(inv + i) : _mm512_set1_ps(inv[g]);
+            __m512i c = _mm512_cvtps_epi32(llmkv__z_q_arg(v, m, r, 0.0f, 15.0f));
             __m128i b = _mm_maddubs_epi16(_mm512_cvtepi32_epi8(c), _mm_set1_epi16(0x1001));
             _mm_storel_epi64((__m128i*)(void*)(data + i / 2), _mm_packus_epi16(b, b));
         } else {
-            __m512i c = llmkv__z_e4m3_code(llmkv__z_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f));
+            __m512i c = llmkv__z_e4m3_code(llmkv__z_q_arg(v, _mm512_setzero_ps(), _mm512_set1_ps(inv[0]), -448.0f, 448.0f));
             _mm_storeu_si128((__m128i*)(void*)(data + i), _mm512_cvtepi32_epi8(c));
         }
     }
     return i;
 }
 
-static LLMKV__T256 __m256 llmkv__y_q_arg(__m256 x, float m, float inv, float lo, float hi) {
+static LLMKV__T256 __m256 llmkv__y_q_arg(__m256 x, __m256 m, __m256 inv, float lo, float hi) {
     __m256 y;
     x = _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
-    y = _mm256_mul_ps(_mm256_sub_ps(x, _mm256_set1_ps(m)), _mm256_set1_ps(inv));
+    y = _mm256_mul_ps(_mm256_sub_ps(x, m), inv);
     y = _mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q));
     return _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
 }
@@ -3470,15 +3835,17 @@ static LLMKV__T256 uint32_t llmkv__encode_avx2(llmkv_dtype t, const float* x, ui
         __m256 v = _mm256_loadu_ps(x + i);
         uint32_t g = i / LLMKV__QGROUP;
         if (t == LLMKV_DTYPE_Q8) {
-            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f));
+            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, _mm256_setzero_ps(), _mm256_set1_ps(inv[g]), -127.0f, 127.0f));
             _mm_storel_epi64((__m128i*)(void*)(data + i), llmkv__y_low_bytes(c));
-        } else if (t == LLMKV_DTYPE_Q4) {
-            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, mins[g], inv[g], 0.0f, 15.0f));
+        } else if (t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_Q4C) { /* Q4C: a minimum and scale per element */
+            __m256 m = t == LLMKV_DTYPE_Q4C ? _mm256_loadu_ps(mins + i) : _mm256_set1_ps(mins[g]);
+            __m256 r = t == LLMKV_DTYPE_Q4C ? _mm256_loadu_ps(inv + i) : _mm256_set1_ps(inv[g]);
+            __m256i c = _mm256_cvtps_epi32(llmkv__y_q_arg(v, m, r, 0.0f, 15.0f));
             __m128i b = _mm_maddubs_epi16(llmkv__y_low_bytes(c), _mm_set1_epi16(0x1001));
             int32_t w = _mm_cvtsi128_si32(_mm_packus_epi16(b, b));
             memcpy(data + i / 2, &w, 4);
         } else {
-            __m256 y = llmkv__y_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f);
+            __m256 y = llmkv__y_q_arg(v, _mm256_setzero_ps(), _mm256_set1_ps(inv[0]), -448.0f, 448.0f);
             __m256i u = _mm256_castps_si256(y);
             __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
             __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
@@ -3540,12 +3907,15 @@ static float32x4_t llmkv__n_q8(const unsigned char* p, const unsigned char* sc, 
     x = vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(w)))));
     return vmulq_n_f32(vcvtq_f32_s32(x), llmkv__n_f16_scalar(sc + 2 * (c / LLMKV__QGROUP)));
 }
-static float32x4_t llmkv__n_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+static float32x4_t llmkv__n_code4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     uint16_t w;
-    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    (void)sc;
     memcpy(&w, p + c / 2, 2);
-    return vfmaq_n_f32(vdupq_n_f32(llmkv__n_f16_scalar(g + 2)), vcvtq_f32_u32(llmkv__n_fields(w, 4)),
-                       llmkv__n_f16_scalar(g));
+    return vcvtq_f32_u32(llmkv__n_fields(w, 4));
+}
+static float32x4_t llmkv__n_q4(const unsigned char* p, const unsigned char* sc, uint32_t c) {
+    const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
+    return vfmaq_n_f32(vdupq_n_f32(llmkv__n_f16_scalar(g + 2)), llmkv__n_code4(p, sc, c), llmkv__n_f16_scalar(g));
 }
 static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     uint32_t w;
@@ -3561,7 +3931,7 @@ static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc,
     return vmulq_n_f32(v, llmkv__ld_f32s(sc));
 }
 
-#define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, TY)                                                                  \
+#define LLMKV__NEON_QK(SUFFIX, LD, LDS, TY)                                                                  \
     static void llmkv__qk_neon_##SUFFIX(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, const unsigned char* const* ks, size_t ksoff,           \
                                         uint32_t J, float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {                          \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
@@ -3600,7 +3970,8 @@ static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc,
                 S[(size_t)m * sj + j] = vaddvq_f32(a0) + t0;                                                      \
             }                                                                                                     \
         }                                                                                                         \
-    }                                                                                                             \
+    }
+#define LLMKV__NEON_PV(SUFFIX, LD, LDS, TY) \
     static void llmkv__pv_neon_##SUFFIX(const float* P, uint32_t sj, uint32_t M, uint32_t D,                      \
                                         const unsigned char* const* v, size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf, uint32_t npf) {             \
         uint32_t n = D / 4, m = 0, j, c, d;                                                                       \
@@ -3640,12 +4011,14 @@ static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc,
                     for (m = 0; m < M; ++m) acc[(size_t)m * D + d] += P[(size_t)m * sj + j] * x;                  \
                 }                                                                                                 \
     }
+#define LLMKV__NEON_KERNELS(SUFFIX, LD, LDS, TY) LLMKV__NEON_QK(SUFFIX, LD, LDS, TY) LLMKV__NEON_PV(SUFFIX, LD, LDS, TY)
 LLMKV__NEON_KERNELS(f32, llmkv__n_f32, llmkv__ld_f32, LLMKV_DTYPE_F32)
 LLMKV__NEON_KERNELS(f16, llmkv__n_f16, llmkv__ld_f16, LLMKV_DTYPE_F16)
 LLMKV__NEON_KERNELS(bf16, llmkv__n_bf16, llmkv__ld_bf16, LLMKV_DTYPE_BF16)
 LLMKV__NEON_KERNELS(q8, llmkv__n_q8, llmkv__ld_q8, LLMKV_DTYPE_Q8)
 LLMKV__NEON_KERNELS(q4, llmkv__n_q4, llmkv__ld_q4, LLMKV_DTYPE_Q4)
 LLMKV__NEON_KERNELS(fp8, llmkv__n_fp8, llmkv__ld_fp8, LLMKV_DTYPE_FP8)
+LLMKV__NEON_QK(q4c, llmkv__n_code4, llmkv__ld_code4, LLMKV_DTYPE_Q4C)
 
 static float32x4_t llmkv__expq(float32x4_t x) {
     uint32x4_t tiny = vcltq_f32(x, vdupq_n_f32(-87.0f));
@@ -3689,10 +4062,10 @@ static float llmkv__ex_neon(float* x, uint32_t n, float sub) {
 }
 /* Quantization on put: as llmkv__encode_avx512, four elements a step
    (vcvtnq rounds to nearest even). */
-static float32x4_t llmkv__n_q_arg(float32x4_t x, float m, float inv, float lo, float hi) {
+static float32x4_t llmkv__n_q_arg(float32x4_t x, float32x4_t m, float32x4_t inv, float lo, float hi) {
     float32x4_t y;
     x = vbslq_f32(vceqq_f32(x, x), x, vdupq_n_f32(0.0f));
-    y = vmulq_f32(vsubq_f32(x, vdupq_n_f32(m)), vdupq_n_f32(inv));
+    y = vmulq_f32(vsubq_f32(x, m), inv);
     y = vbslq_f32(vceqq_f32(y, y), y, vdupq_n_f32(0.0f));
     return vminq_f32(vmaxq_f32(y, vdupq_n_f32(lo)), vdupq_n_f32(hi));
 }
@@ -3705,14 +4078,16 @@ static uint32_t llmkv__encode_neon(llmkv_dtype t, const float* x, uint32_t n, un
         uint32_t g = i / LLMKV__QGROUP;
         uint32x4_t c;
         if (t == LLMKV_DTYPE_Q8) {
-            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, 0.0f, inv[g], -127.0f, 127.0f)));
-        } else if (t == LLMKV_DTYPE_Q4) {
-            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, mins[g], inv[g], 0.0f, 15.0f)));
+            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, vdupq_n_f32(0.0f), vdupq_n_f32(inv[g]), -127.0f, 127.0f)));
+        } else if (t == LLMKV_DTYPE_Q4 || t == LLMKV_DTYPE_Q4C) { /* Q4C: a minimum and scale per element */
+            float32x4_t m = t == LLMKV_DTYPE_Q4C ? vld1q_f32(mins + i) : vdupq_n_f32(mins[g]);
+            float32x4_t r = t == LLMKV_DTYPE_Q4C ? vld1q_f32(inv + i) : vdupq_n_f32(inv[g]);
+            c = vreinterpretq_u32_s32(vcvtnq_s32_f32(llmkv__n_q_arg(v, m, r, 0.0f, 15.0f)));
             data[i / 2] = (unsigned char)(vgetq_lane_u32(c, 0) | vgetq_lane_u32(c, 1) << 4);
             data[i / 2 + 1] = (unsigned char)(vgetq_lane_u32(c, 2) | vgetq_lane_u32(c, 3) << 4);
             continue;
         } else {
-            float32x4_t y = llmkv__n_q_arg(v, 0.0f, inv[0], -448.0f, 448.0f);
+            float32x4_t y = llmkv__n_q_arg(v, vdupq_n_f32(0.0f), vdupq_n_f32(inv[0]), -448.0f, 448.0f);
             uint32x4_t u = vreinterpretq_u32_f32(y), a = vandq_u32(u, vdupq_n_u32(0x7fffffffu));
             uint32x4_t sub = vreinterpretq_u32_s32(vcvtnq_s32_f32(vmulq_n_f32(vreinterpretq_f32_u32(a), 512.0f)));
             uint32x4_t r = vaddq_u32(vaddq_u32(a, vdupq_n_u32(0x7ffffu)), vandq_u32(vshrq_n_u32(a, 20), vdupq_n_u32(1)));
@@ -3756,6 +4131,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
         k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4; k->qk[5] = llmkv__qk_avx512_fp8;
+        k->qk[6] = llmkv__qk_avx512_q4c;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
         k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4; k->pv[5] = llmkv__pv_avx512_fp8;
         k->ex = llmkv__ex_avx512;
@@ -3764,6 +4140,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     case LLMKV_CPU_PATH_AVX2:
         k->qk[0] = llmkv__qk_avx2_f32; k->qk[1] = llmkv__qk_avx2_f16; k->qk[2] = llmkv__qk_avx2_bf16;
         k->qk[3] = llmkv__qk_avx2_q8; k->qk[4] = llmkv__qk_avx2_q4; k->qk[5] = llmkv__qk_avx2_fp8;
+        k->qk[6] = llmkv__qk_avx2_q4c;
         k->pv[0] = llmkv__pv_avx2_f32; k->pv[1] = llmkv__pv_avx2_f16; k->pv[2] = llmkv__pv_avx2_bf16;
         k->pv[3] = llmkv__pv_avx2_q8; k->pv[4] = llmkv__pv_avx2_q4; k->pv[5] = llmkv__pv_avx2_fp8;
         k->ex = llmkv__ex_avx2;
@@ -3774,6 +4151,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     case LLMKV_CPU_PATH_NEON:
         k->qk[0] = llmkv__qk_neon_f32; k->qk[1] = llmkv__qk_neon_f16; k->qk[2] = llmkv__qk_neon_bf16;
         k->qk[3] = llmkv__qk_neon_q8; k->qk[4] = llmkv__qk_neon_q4; k->qk[5] = llmkv__qk_neon_fp8;
+        k->qk[6] = llmkv__qk_neon_q4c;
         k->pv[0] = llmkv__pv_neon_f32; k->pv[1] = llmkv__pv_neon_f16; k->pv[2] = llmkv__pv_neon_bf16;
         k->pv[3] = llmkv__pv_neon_q8; k->pv[4] = llmkv__pv_neon_q4; k->pv[5] = llmkv__pv_neon_fp8;
         k->ex = llmkv__ex_neon;
@@ -3783,6 +4161,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     default:
         k->qk[0] = llmkv__qk_scalar_f32; k->qk[1] = llmkv__qk_scalar_f16; k->qk[2] = llmkv__qk_scalar_bf16;
         k->qk[3] = llmkv__qk_scalar_q8; k->qk[4] = llmkv__qk_scalar_q4; k->qk[5] = llmkv__qk_scalar_fp8;
+        k->qk[6] = llmkv__qk_scalar_q4c;
         k->pv[0] = llmkv__pv_scalar_f32; k->pv[1] = llmkv__pv_scalar_f16; k->pv[2] = llmkv__pv_scalar_bf16;
         k->pv[3] = llmkv__pv_scalar_q8; k->pv[4] = llmkv__pv_scalar_q4; k->pv[5] = llmkv__pv_scalar_fp8;
         k->ex = llmkv__ex_scalar;
@@ -3819,6 +4198,9 @@ typedef struct llmkv__job {
     const unsigned char* ks_base;   /* pool + layer offset + K scales */
     const unsigned char* vs_base;
     int scaled;                     /* K or V has scales: the scale rows are filled */
+    int channel;                    /* Q4C keys: qk takes raw codes (llmkv__qk_channel), and the
+                                       staged page of each sequence is read at F16 by qk_stage */
+    llmkv__qk_fn qk_stage;
 } llmkv__job;
 
 typedef struct llmkv__unit {
@@ -3943,16 +4325,27 @@ typedef struct llmkv__chunk_ptrs {
     const unsigned char* vs[2 * LLMKV__ATTN_CHUNK];
 } llmkv__chunk_ptrs;
 
+/* Where a unit's sequence keeps its keys: its pages, and (Q4C) the page
+   index held at F16 in `stage` (rows head_dim apart, heads page_size rows
+   apart), or LLMKV__NO_SLOT. */
+typedef struct llmkv__seq_keys {
+    const int32_t* pages;
+    uint32_t stage_page;
+    const unsigned char* stage;
+} llmkv__seq_keys;
+
 /* Fills entries [at, at + J) of the row pointers with keys [k, min(k +
    CHUNK, kmax)); returns J (0 past the end). */
-static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, const int32_t* pages, uint32_t k,
+static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, const llmkv__seq_keys* sk, uint32_t k,
                                   uint32_t kmax, llmkv__chunk_ptrs* rw, uint32_t at) {
     const llmkv_layout* ly = &jb->kv->layout;
     uint32_t J = k < kmax ? (kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK) : 0, j;
     for (j = 0; j < J; ++j) {
-        uint64_t page = (uint64_t)pages[(k + j) / ly->page_size] * ly->page_bytes;
+        uint64_t page = (uint64_t)sk->pages[(k + j) / ly->page_size] * ly->page_bytes;
         uint32_t slot = (k + j) % ly->page_size;
-        rw->k[at + j] = jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
+        rw->k[at + j] = (k + j) / ly->page_size == sk->stage_page
+                            ? sk->stage + ((size_t)u->kvh0 * ly->page_size + slot) * ly->head_dim * 2
+                            : jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
         rw->v[at + j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
         if (jb->scaled) {
             rw->ks[at + j] = jb->ks_base + page + (size_t)u->kvh0 * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
@@ -3973,6 +4366,30 @@ static uint32_t llmkv__part_end(uint32_t page_size, uint32_t k, uint32_t s0, uin
     return s1;
 }
 
+/* QK over the Q4C keys of one part (rows of one page and head, so one
+   table `tab`): with k_c = s_c code_c + m_c,
+   q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c, so the raw-code kernel
+   runs on the query scaled by s, and each row adds its q.m. */
+static void llmkv__qk_channel(llmkv__qk_fn raw, const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                              size_t koff, const unsigned char* tab, uint32_t J, float* S, uint32_t sj,
+                              const unsigned char* const* pf, uint32_t npf) {
+    float qs[LLMKV__ATTN_MAX_ELEMS], sc[LLMKV__MAX_HEAD_DIM], mn[LLMKV__MAX_HEAD_DIM];
+    uint32_t m, c, j;
+    for (c = 0; c < D; ++c) {
+        const unsigned char* b = tab + (size_t)(c / 16) * 64 + (c % 16) * 2;
+        sc[c] = llmkv_f16_to_f32(llmkv__ld_u16(b));
+        mn[c] = llmkv_f16_to_f32(llmkv__ld_u16(b + 32));
+    }
+    for (m = 0; m < M; ++m)
+        for (c = 0; c < D; ++c) qs[(size_t)m * D + c] = q[(size_t)m * D + c] * sc[c];
+    raw(qs, M, D, k, koff, k, koff, J, S, sj, pf, npf);
+    for (m = 0; m < M; ++m) {
+        float bias = 0.0f;
+        for (c = 0; c < D; ++c) bias += q[(size_t)m * D + c] * mn[c];
+        for (j = 0; j < J; ++j) S[(size_t)m * sj + j] += bias;
+    }
+}
+
 /* Computes one unit: online softmax over its keys, page by page. Writes the
    normalised rows to out (and lse), or, for a split part, its unnormalised
    accumulator with running max and sum to `partial`. */
@@ -3987,9 +4404,20 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     const llmkv_batch* b = jb->b;
     uint32_t D = jb->D, HS = u->h1 - u->h0, Mh = (u->t1 - u->t0) * HS, NB = u->kvh1 - u->kvh0, M = NB * Mh, hb;
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
-    const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
     uint32_t r, t, h, d, kmin = 0xffffffffu, kmax = 0, k, J, Jn, qstride = D;
     llmkv__chunk_ptrs rw; /* this chunk's rows, then the next one's */
+    llmkv__seq_keys sk;
+
+    sk.pages = b->kv_indices + b->kv_indptr[u->seq];
+    sk.stage_page = LLMKV__NO_SLOT;
+    sk.stage = NULL;
+    if (jb->channel) {
+        uint32_t slot = 0, kf;
+        llmkv__lookup(jb->kv, b->seqs[u->seq], &slot); /* live: the batch was checked */
+        kf = jb->kv->kfill[(size_t)slot * ly->n_layers + jb->d->layer];
+        sk.stage_page = kf == LLMKV__NO_SLOT ? LLMKV__NO_SLOT : kf / ly->page_size;
+        sk.stage = (const unsigned char*)llmkv__stage_block(jb->kv, slot, jb->d->layer);
+    }
 
     for (r = 0; r < M; ++r) {
         t = u->t0 + r % Mh / HS;
@@ -4029,18 +4457,29 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
        each (page, head) part is read, the same part of the next chunk is
        prefetched, which keeps a steady chunk's worth of reads in flight
        (hardware prefetchers stop at every page change). */
-    J = llmkv__chunk_rows(jb, u, pages, kmin, kmax, &rw, 0);
+    J = llmkv__chunk_rows(jb, u, &sk, kmin, kmax, &rw, 0);
     for (k = kmin; k < kmax; k += J, J = Jn) {
         uint32_t j, s0, s1, npf;
         int whole = 1; /* every row sees every key of the chunk */
-        Jn = llmkv__chunk_rows(jb, u, pages, k + J, kmax, &rw, J);
+        Jn = llmkv__chunk_rows(jb, u, &sk, k + J, kmax, &rw, J);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
         for (s0 = 0; s0 < J; s0 = s1) {
             s1 = llmkv__part_end(ly->page_size, k, s0, J, Jn, &npf);
-            for (hb = 0; hb < NB; ++hb)
-                jb->qk(Qs + (size_t)hb * Mh * qstride, Mh, D, rw.k + s0, hb * ly->k.head_stride, jb->scaled ? rw.ks + s0 : rw.k + s0,
-                       hb * ly->k.scale_head_stride, s1 - s0, S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0, LLMKV__ATTN_SJ,
-                       rw.k + s0 + LLMKV__ATTN_AHEAD, npf);
+            for (hb = 0; hb < NB; ++hb) {
+                const float* qh = Qs + (size_t)hb * Mh * qstride;
+                float* Sh = S + (size_t)hb * Mh * LLMKV__ATTN_SJ + s0;
+                if ((k + s0) / ly->page_size == sk.stage_page) /* Q4C keys still at F16 */
+                    jb->qk_stage(qh, Mh, D, rw.k + s0, (size_t)hb * ly->page_size * D * 2, rw.k + s0, 0, s1 - s0, Sh,
+                                 LLMKV__ATTN_SJ, rw.k + s0 + LLMKV__ATTN_AHEAD, npf);
+                else if (jb->channel)
+                    llmkv__qk_channel(jb->qk, qh, Mh, D, rw.k + s0, hb * ly->k.head_stride,
+                                      rw.ks[s0] + hb * ly->k.scale_head_stride, s1 - s0, Sh, LLMKV__ATTN_SJ,
+                                      rw.k + s0 + LLMKV__ATTN_AHEAD, npf);
+                else
+                    jb->qk(qh, Mh, D, rw.k + s0, hb * ly->k.head_stride, jb->scaled ? rw.ks + s0 : rw.k + s0,
+                           hb * ly->k.scale_head_stride, s1 - s0, Sh, LLMKV__ATTN_SJ, rw.k + s0 + LLMKV__ATTN_AHEAD,
+                           npf);
+            }
         }
         for (r = 0; r < M; ++r) {
             float* s = S + (size_t)r * LLMKV__ATTN_SJ;
@@ -4183,6 +4622,8 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     jb->ks_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->k.scale_offset;
     jb->vs_base = kv->pool + (size_t)d->layer * ly->layer_stride + ly->v.scale_offset;
     jb->scaled = ly->k.scale_bytes || ly->v.scale_bytes;
+    jb->channel = llmkv__dtype_channel(ly->k.dtype);
+    jb->qk_stage = jb->kern.qk[LLMKV_DTYPE_F16 - LLMKV_DTYPE_F32];
     jb->nth = nth;
     /* Split long keys ranges only when the units would not keep every
        thread busy: aim for two units per thread. */

@@ -37,10 +37,16 @@
 
    After the warm-up, untimed, every output is checked finite and a few rows
    (first and last sequence or query, first and last head) are compared with
-   a double-precision reference read straight from the pages: relative L2
-   error at most 1e-2, or the run fails.
+   a double-precision reference over the stored keys and values (as
+   llmkv_gather returns them): relative L2 error at most 1e-2, or the run
+   fails.
 
-   Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8]
+   Types: f32, f16, bf16, q8, q4 and fp8 store K and V alike, in pages of
+   16 tokens; "q4c" is the outlier-aware mode: per-channel Q4 keys (Q4C) in
+   pages of 64 tokens (the per-page channel table wants long pages) with Q4
+   values. K/V bytes count codes, scales and tables.
+
+   Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]
                          [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]
      --json     one JSON object per line (bandwidth lines, then one per case,
                 skipped cases included), nothing else on stdout
@@ -74,7 +80,8 @@
 #include "bench_util.h"
 
 #define HEAD_DIM 128u
-#define PAGE_SIZE 16u
+#define PAGE_SIZE 16u       /* Q4C: PAGE_SIZE_Q4C */
+#define PAGE_SIZE_Q4C 64u
 #define N_Q_HEADS 32u
 #define MAX_BATCH 16u
 #define MAX_THREADS 256u
@@ -294,9 +301,20 @@ typedef struct kvset {
     llmkv_seq seqs[MAX_BATCH];
     uint32_t n_seqs, seq_len, n_kv_heads;
     llmkv_dtype dtype;
-    const unsigned char* pool;
-    llmkv_layout lay;
 } kvset;
+
+static uint32_t page_size_for(llmkv_dtype dtype) { return dtype == LLMKV_DTYPE_Q4C ? PAGE_SIZE_Q4C : PAGE_SIZE; }
+
+/* The cache descriptor of a benchmark type ("q4c": Q4C keys, Q4 values). */
+static void desc_for(llmkv_desc* d, uint32_t n_kv_heads, llmkv_dtype dtype) {
+    memset(d, 0, sizeof *d);
+    d->n_layers = 1;
+    d->n_kv_heads = n_kv_heads;
+    d->head_dim = HEAD_DIM;
+    d->page_size = page_size_for(dtype);
+    d->k_dtype = dtype;
+    d->v_dtype = dtype == LLMKV_DTYPE_Q4C ? LLMKV_DTYPE_Q4 : dtype;
+}
 
 /* Source rows for a storage type: the type itself for F32/F16/BF16 (so
    put copies), F32 for the quantized types (put quantizes). */
@@ -333,14 +351,8 @@ static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dt
     memset(s, 0, sizeof *s);
     fill_random(k_src, src_t, src_elems, &seed);
     fill_random(v_src, src_t, src_elems, &seed);
-    memset(&d, 0, sizeof d);
-    d.n_layers = 1;
-    d.n_kv_heads = n_kv_heads;
-    d.head_dim = HEAD_DIM;
-    d.page_size = PAGE_SIZE;
-    d.k_dtype = dtype;
-    d.v_dtype = dtype;
-    d.n_pages = n_seqs * ((seq_len + PAGE_SIZE - 1) / PAGE_SIZE);
+    desc_for(&d, n_kv_heads, dtype);
+    d.n_pages = n_seqs * ((seq_len + d.page_size - 1) / d.page_size);
     d.max_seqs = n_seqs;
     d.max_seq_len = seq_len;
     t0 = now_ns();
@@ -362,10 +374,8 @@ static void kvset_create(bench* b, kvset* s, uint32_t n_kv_heads, llmkv_dtype dt
     }
     b->fill_seconds += seconds_since(t0);
     CHECK(llmkv_cache_pool(s->kv, &pool, &pool_bytes));
-    CHECK(llmkv_cache_layout(s->kv, &s->lay));
     b->fill_bytes += pool_bytes;
     CHECK(llmkv_batch_create(s->kv, n_seqs, max_tokens, &s->batch));
-    s->pool = (const unsigned char*)pool;
     s->n_seqs = n_seqs;
     s->seq_len = seq_len;
     s->n_kv_heads = n_kv_heads;
@@ -398,9 +408,12 @@ typedef struct acase {
 
 static uint64_t case_kv_bytes(const acase* c) {
     uint64_t tokens = c->prefill ? (uint64_t)c->ctx + c->q_tokens : (uint64_t)c->batch * c->ctx;
-    uint32_t data = 0, scales = 0;
-    CHECK(llmkv_vector_bytes(c->dtype, HEAD_DIM, &data, &scales));
-    return tokens * c->n_kv_heads * (uint64_t)(data + scales) * 2; /* K and V, scales included */
+    llmkv_desc d;
+    llmkv_layout l;
+    desc_for(&d, c->n_kv_heads, c->dtype);
+    CHECK(llmkv_layout_for(&d, &l));
+    /* K and V of every head: data, scales and tables, without padding */
+    return tokens * (l.k.bytes + l.k.scale_bytes + l.v.bytes + l.v.scale_bytes) / l.page_size;
 }
 
 static double case_pairs(const acase* c) { /* (query, key) pairs under the causal mask */
@@ -428,7 +441,7 @@ static void json_shape(const bench* b, const acase* c) {
            "\"q_tokens\":%u,\"n_q_heads\":%u,\"n_kv_heads\":%u,\"head_dim\":%u,\"page_size\":%u,"
            "\"threads\":%u,\"path\":\"%s\",\"kv_bytes\":%llu",
            c->prefill ? "prefill" : "decode", llmkv_dtype_name(c->dtype), c->batch, c->ctx,
-           c->q_tokens, N_Q_HEADS, c->n_kv_heads, HEAD_DIM, PAGE_SIZE, c->threads, b->path_name,
+           c->q_tokens, N_Q_HEADS, c->n_kv_heads, HEAD_DIM, page_size_for(c->dtype), c->threads, b->path_name,
            (unsigned long long)case_kv_bytes(c));
 }
 
@@ -469,14 +482,13 @@ static void emit_result(bench* b, const acase* c, double median, double min, int
 /* Checking the output                                                      */
 /* ------------------------------------------------------------------------ */
 
-/* The stored head vector (page, slot, kv_head) of a part, as floats. */
-static void stored_vec(const kvset* s, const llmkv_part_layout* part, int32_t page, uint32_t slot,
-                       uint32_t kv_head, float* out) {
-    const unsigned char* base = s->pool + (uint64_t)page * s->lay.page_bytes;
-    CHECK(llmkv_dequantize(part->dtype, base + part->offset + kv_head * part->head_stride + slot * part->slot_stride,
-                           base + part->scale_offset + kv_head * part->scale_head_stride +
-                               slot * part->scale_slot_stride,
-                           HEAD_DIM, out));
+/* The stored K and V head vectors (position pos, kv_head) of sequence seq,
+   as floats (what llmkv_gather returns: the exact stored values). */
+static void stored_kv(const kvset* s, uint32_t seq, uint32_t pos, uint32_t kv_head, float* k, float* v) {
+    float kr[N_Q_HEADS * HEAD_DIM], vr[N_Q_HEADS * HEAD_DIM]; /* n_kv_heads <= N_Q_HEADS */
+    CHECK(llmkv_gather(s->kv, s->seqs[seq], 0, pos, 1, kr, 0, vr, 0, LLMKV_DTYPE_F32));
+    memcpy(k, kr + (size_t)kv_head * HEAD_DIM, sizeof(float) * HEAD_DIM);
+    memcpy(v, vr + (size_t)kv_head * HEAD_DIM, sizeof(float) * HEAD_DIM);
 }
 
 /* Relative L2 error of output row `row`, head `h` (of sequence `seq` in the
@@ -486,7 +498,6 @@ static double check_row(const kvset* s, const llmkv_batch_info* info, const floa
     const uint32_t group = N_Q_HEADS / s->n_kv_heads, kvh = h / group;
     const float* qv = q + ((size_t)row * N_Q_HEADS + h) * HEAD_DIM;
     const float* ov = out + ((size_t)row * N_Q_HEADS + h) * HEAD_DIM;
-    const int32_t* pages = info->kv_indices + info->kv_indptr[seq];
     const uint32_t n_keys = (uint32_t)info->positions[row] + 1; /* causal */
     const double scale = 1.0 / sqrt((double)HEAD_DIM);
     double acc[HEAD_DIM], m = -HUGE_VAL, sum = 0, err = 0, norm = 0;
@@ -495,14 +506,13 @@ static double check_row(const kvset* s, const llmkv_batch_info* info, const floa
     float kf[HEAD_DIM], vf[HEAD_DIM];
     for (j = 0; j < n_keys; ++j) { /* the maximum logit first */
         double l = 0;
-        stored_vec(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, kf);
+        stored_kv(s, seq, j, kvh, kf, vf);
         for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)kf[d];
         if (l * scale > m) m = l * scale;
     }
     for (j = 0; j < n_keys; ++j) {
         double l = 0, p;
-        stored_vec(s, &s->lay.k, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, kf);
-        stored_vec(s, &s->lay.v, pages[j / PAGE_SIZE], j % PAGE_SIZE, kvh, vf);
+        stored_kv(s, seq, j, kvh, kf, vf);
         for (d = 0; d < HEAD_DIM; ++d) l += (double)qv[d] * (double)kf[d];
         p = exp(l * scale - m);
         sum += p;
@@ -753,7 +763,7 @@ static void measure_bandwidth(bench* b, int at_end) {
 
 static void usage(const char* argv0) {
     fprintf(stderr,
-            "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8]\n"
+            "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]\n"
             "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n",
             argv0);
     exit(2);
@@ -764,8 +774,8 @@ int main(int argc, char** argv) {
     int i;
     char load[64];
     uint64_t t_start = now_ns();
-    static const llmkv_dtype dtypes[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16,
-                                         LLMKV_DTYPE_Q8,  LLMKV_DTYPE_Q4,  LLMKV_DTYPE_FP8};
+    static const llmkv_dtype dtypes[] = {LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16, LLMKV_DTYPE_Q8,
+                                         LLMKV_DTYPE_Q4,  LLMKV_DTYPE_FP8, LLMKV_DTYPE_Q4C};
     memset(&b, 0, sizeof b);
     b.path = LLMKV_CPU_PATH_AUTO;
     for (i = 1; i < argc; ++i) {
@@ -788,6 +798,7 @@ int main(int argc, char** argv) {
             else if (strcmp(v, "q8") == 0) b.only_dtype = LLMKV_DTYPE_Q8;
             else if (strcmp(v, "q4") == 0) b.only_dtype = LLMKV_DTYPE_Q4;
             else if (strcmp(v, "fp8") == 0) b.only_dtype = LLMKV_DTYPE_FP8;
+            else if (strcmp(v, "q4c") == 0) b.only_dtype = LLMKV_DTYPE_Q4C;
             else usage(argv[0]);
             ++i;
         } else if (strcmp(a, "--kind") == 0 && v) {
@@ -860,12 +871,12 @@ int main(int argc, char** argv) {
         static const uint32_t kv_heads[] = {8, 32};
         int h, d;
         for (h = 0; h < 2; ++h)
-            for (d = 0; d < 6; ++d)
+            for (d = 0; d < (int)(sizeof dtypes / sizeof dtypes[0]); ++d)
                 if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_decode(&b, kv_heads[h], dtypes[d]);
     }
     if (b.only_kind != 1) {
         int d;
-        for (d = 0; d < 6; ++d)
+        for (d = 0; d < (int)(sizeof dtypes / sizeof dtypes[0]); ++d)
             if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_prefill(&b, dtypes[d]);
     }
 

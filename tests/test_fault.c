@@ -701,8 +701,8 @@ static void test_fault_bad_descriptors(tst* t) {
         case 4: d.head_dim = 0; break;
         case 5: d.head_dim = 513; break;
         case 6: d.page_size = 1025; break;
-        case 7: d.k_dtype = (llmkv_dtype)7; break;
-        case 8: d.v_dtype = (llmkv_dtype)7; break;
+        case 7: d.k_dtype = (llmkv_dtype)99; break;
+        case 8: d.v_dtype = (llmkv_dtype)99; break;
         case 9: d.storage = (llmkv_storage)2; break;
         case 10: d.max_seqs = 1048576; break;
         case 11: d.allocator.free = NULL; break;

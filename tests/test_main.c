@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
     suite_fault(&t);
     suite_attn(&t);
     suite_quant(&t);
+    suite_q4c(&t);
     /* Skipped tests said why on their SKIP lines above. */
     if (t.skipped) printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed, t.skipped);
     else printf("%d passed, %d failed\n", t.passed, t.failed);

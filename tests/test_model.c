@@ -121,6 +121,7 @@ static const char* m_tname(llmkv_dtype t) {
     case LLMKV_DTYPE_Q8: return "q8";
     case LLMKV_DTYPE_Q4: return "q4";
     case LLMKV_DTYPE_FP8: return "fp8";
+    case LLMKV_DTYPE_Q4C: return "q4c";
     }
     return "?";
 }

@@ -844,7 +844,7 @@ static void test_quant_sizes(tst* t) {
     TST_EQ(t, llmkv_vector_bytes(LLMKV_DTYPE_Q4, 513, &db, &sb), LLMKV_ERR_INVALID_ARGUMENT);
     TST_EQ(t, db, 0); TST_EQ(t, sb, 0);
     db = sb = 777;
-    TST_EQ(t, llmkv_vector_bytes((llmkv_dtype)7, 32, &db, &sb), LLMKV_ERR_INVALID_ARGUMENT);
+    TST_EQ(t, llmkv_vector_bytes((llmkv_dtype)99, 32, &db, &sb), LLMKV_ERR_INVALID_ARGUMENT);
     TST_EQ(t, db, 0); TST_EQ(t, sb, 0);
 
     /* Bytes per token, n_layers 1, 8 KV heads, head_dim 128, page 16: per
@@ -893,9 +893,9 @@ static void test_quant_bad_arguments(tst* t) {
         TST_EQ(t, llmkv_dequantize(ty, data, sc, 8, NULL), LLMKV_ERR_INVALID_ARGUMENT);
         OK(t, llmkv_dequantize(ty, data, sc, 512, out));
     }
-    TST_EQ(t, llmkv_quantize((llmkv_dtype)7, x, 8, data, sc), LLMKV_ERR_INVALID_ARGUMENT);
+    TST_EQ(t, llmkv_quantize((llmkv_dtype)99, x, 8, data, sc), LLMKV_ERR_INVALID_ARGUMENT);
     TST_EQ(t, llmkv_quantize((llmkv_dtype)-1, x, 8, data, sc), LLMKV_ERR_INVALID_ARGUMENT);
-    TST_EQ(t, llmkv_dequantize((llmkv_dtype)7, data, sc, 8, out), LLMKV_ERR_INVALID_ARGUMENT);
+    TST_EQ(t, llmkv_dequantize((llmkv_dtype)99, data, sc, 8, out), LLMKV_ERR_INVALID_ARGUMENT);
     TST_EQ(t, llmkv_dequantize((llmkv_dtype)99, data, sc, 8, out), LLMKV_ERR_INVALID_ARGUMENT);
     /* The float types need no scales: F16 is llmkv_f32_to_f16 of each element. */
     OK(t, llmkv_quantize(LLMKV_DTYPE_F16, x, 3, data, NULL));

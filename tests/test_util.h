@@ -103,5 +103,6 @@ void suite_model(tst* t);
 void suite_fault(tst* t);
 void suite_attn(tst* t);
 void suite_quant(tst* t);
+void suite_q4c(tst* t);
 
 #endif
