@@ -250,6 +250,8 @@ typedef struct aenv {
     size_t row;                    /* floats of one row: nqh * D */
     double* ref_out;               /* [n_tokens][nqh][D] */
     double* ref_lse;               /* [n_tokens][nqh] */
+    double* ref_out_i8;            /* the same with the int8 query (NULL when no path uses it) */
+    double* ref_lse_i8;
     float* out_buf;                /* OUT_GUARD, rows, OUT_GUARD */
     float* out;
     size_t out_stride, out_floats; /* floats between rows; floats of the rows */
@@ -268,6 +270,8 @@ static void env_free(aenv* e) {
     free(e->q_copy);
     free(e->ref_out);
     free(e->ref_lse);
+    free(e->ref_out_i8);
+    free(e->ref_lse_i8);
     free(e->out_buf);
     free(e->lse_buf);
     llmkv_batch_destroy(e->b);
@@ -316,6 +320,56 @@ static void poison_slots(aenv* e, unsigned char* pool, uint32_t page, uint32_t s
 
 /* Builds everything for case c. Returns 0 (with a failed check) if the
    library refused a step that must succeed. */
+/* Exact attention (double) over the stored K/V of every query row into
+   out / lse; int8q: with each query head as tst_int8_query makes it. */
+static void env_reference(aenv* e, double scale, int int8q, double* out, double* lse) {
+    const acase* c = &e->c;
+    uint32_t maxlen = 1, i, tok, dd;
+    double* s;
+    double qd[512];
+    for (i = 0; i < c->n_seqs; ++i)
+        if (c->lens[i] > maxlen) maxlen = c->lens[i];
+    s = (double*)malloc(maxlen * sizeof(double));
+    for (i = 0; i < c->n_seqs; ++i) {
+        uint32_t L = c->lens[i], q = c->qlens[i], row0 = (uint32_t)e->info.qo_indptr[i];
+        for (tok = 0; tok < q; ++tok) {
+            uint32_t pos = L - q + tok, lo, hi, j, hq;
+            visible_keys(c, L, pos, &lo, &hi);
+            for (hq = 0; hq < e->nqh; ++hq) {
+                uint32_t kvh = hq / c->G;
+                const float* qr = e->q + (size_t)(row0 + tok) * e->q_stride + (size_t)hq * c->D;
+                double* o = out + ((size_t)(row0 + tok) * e->nqh + hq) * c->D;
+                double m = -INFINITY, sum = 0;
+                if (int8q) tst_int8_query(qr, c->D, c->scale > 0.0f ? c->scale : 1.0f / sqrtf((float)c->D), qd);
+                else for (dd = 0; dd < c->D; ++dd) qd[dd] = (double)qr[dd];
+                for (dd = 0; dd < c->D; ++dd) o[dd] = 0;
+                for (j = lo; j < hi; ++j) {
+                    const float* kr = e->kref[i] + ((size_t)j * c->n_kv + kvh) * c->D;
+                    double acc = 0;
+                    for (dd = 0; dd < c->D; ++dd) acc += qd[dd] * (double)kr[dd];
+                    acc *= scale;
+                    if (c->softcap > 0.0f) acc = (double)c->softcap * tanh(acc / (double)c->softcap);
+                    s[j - lo] = acc;
+                    if (acc > m) m = acc;
+                }
+                for (j = lo; j < hi; ++j) {
+                    const float* vr = e->vref[i] + ((size_t)j * c->n_kv + kvh) * c->D;
+                    double p = exp(s[j - lo] - m);
+                    sum += p;
+                    for (dd = 0; dd < c->D; ++dd) o[dd] += p * (double)vr[dd];
+                }
+                if (sum > 0) {
+                    for (dd = 0; dd < c->D; ++dd) o[dd] /= sum;
+                    lse[(size_t)(row0 + tok) * e->nqh + hq] = m + log(sum);
+                } else {
+                    lse[(size_t)(row0 + tok) * e->nqh + hq] = -INFINITY;
+                }
+            }
+        }
+    }
+    free(s);
+}
+
 static int env_setup(tst* t, aenv* e, const acase* c, tst_rng* r) {
     llmkv_desc d;
     uint32_t i, pages_needed = 0, filler_len, done[MAX_SEQS], l, tok, h, dd, active;
@@ -501,52 +555,16 @@ static int env_setup(tst* t, aenv* e, const acase* c, tst_rng* r) {
         for (dd = 0; dd < e->row; ++dd) e->q[(size_t)tok * e->q_stride + dd] = (float)(qa * (double)tst_float(r));
     memcpy(e->q_copy, e->q, e->q_floats * sizeof(float));
 
-    /* The reference. */
+    /* The reference, and for a path that rounds q to int8 (Q4 keys on
+       AVX512_BF16) the reference with that query. */
     n_heads_rows = (size_t)e->n_tokens * e->nqh;
     e->ref_out = (double*)malloc((n_heads_rows * c->D + 1) * sizeof(double));
     e->ref_lse = (double*)malloc((n_heads_rows + 1) * sizeof(double));
-    {
-        uint32_t maxlen = 1;
-        double* s;
-        for (i = 0; i < c->n_seqs; ++i)
-            if (c->lens[i] > maxlen) maxlen = c->lens[i];
-        s = (double*)malloc(maxlen * sizeof(double));
-        for (i = 0; i < c->n_seqs; ++i) {
-            uint32_t L = c->lens[i], q = c->qlens[i], row0 = (uint32_t)e->info.qo_indptr[i];
-            for (tok = 0; tok < q; ++tok) {
-                uint32_t pos = L - q + tok, lo, hi, j, hq;
-                visible_keys(c, L, pos, &lo, &hi);
-                for (hq = 0; hq < e->nqh; ++hq) {
-                    uint32_t kvh = hq / c->G;
-                    const float* qr = e->q + (size_t)(row0 + tok) * e->q_stride + (size_t)hq * c->D;
-                    double* o = e->ref_out + ((size_t)(row0 + tok) * e->nqh + hq) * c->D;
-                    double m = -INFINITY, sum = 0;
-                    for (dd = 0; dd < c->D; ++dd) o[dd] = 0;
-                    for (j = lo; j < hi; ++j) {
-                        const float* kr = e->kref[i] + ((size_t)j * c->n_kv + kvh) * c->D;
-                        double acc = 0;
-                        for (dd = 0; dd < c->D; ++dd) acc += (double)qr[dd] * (double)kr[dd];
-                        acc *= scale;
-                        if (c->softcap > 0.0f) acc = (double)c->softcap * tanh(acc / (double)c->softcap);
-                        s[j - lo] = acc;
-                        if (acc > m) m = acc;
-                    }
-                    for (j = lo; j < hi; ++j) {
-                        const float* vr = e->vref[i] + ((size_t)j * c->n_kv + kvh) * c->D;
-                        double p = exp(s[j - lo] - m);
-                        sum += p;
-                        for (dd = 0; dd < c->D; ++dd) o[dd] += p * (double)vr[dd];
-                    }
-                    if (sum > 0) {
-                        for (dd = 0; dd < c->D; ++dd) o[dd] /= sum;
-                        e->ref_lse[(size_t)(row0 + tok) * e->nqh + hq] = m + log(sum);
-                    } else {
-                        e->ref_lse[(size_t)(row0 + tok) * e->nqh + hq] = -INFINITY;
-                    }
-                }
-            }
-        }
-        free(s);
+    env_reference(e, scale, 0, e->ref_out, e->ref_lse);
+    if (tst_int8_query_used(LLMKV_CPU_PATH_AVX512_BF16, c->kt, c->D)) {
+        e->ref_out_i8 = (double*)malloc((n_heads_rows * c->D + 1) * sizeof(double));
+        e->ref_lse_i8 = (double*)malloc((n_heads_rows + 1) * sizeof(double));
+        env_reference(e, scale, 1, e->ref_out_i8, e->ref_lse_i8);
     }
 
     /* Outputs with guards and canary padding. */
@@ -759,6 +777,9 @@ static int check_result(tst* t, const aenv* e, llmkv_cpu_path path, const char* 
     const acase* c = &e->c;
     double tol = type_tol(c->kt) > type_tol(c->vt) ? type_tol(c->kt) : type_tol(c->vt);
     double worst_o = 0, worst_l = 0;
+    int i8 = tst_int8_query_used(path == LLMKV_CPU_PATH_AUTO ? llmkv_cpu_path_auto() : path, c->kt, c->D);
+    const double* ref_out = i8 ? e->ref_out_i8 : e->ref_out;
+    const double* ref_lse = i8 ? e->ref_lse_i8 : e->ref_lse;
     uint32_t i, tok, hq, dd;
     size_t bad_at;
     int ok = 1, reported = 0;
@@ -808,7 +829,7 @@ static int check_result(tst* t, const aenv* e, llmkv_cpu_path path, const char* 
             for (hq = 0; hq < e->nqh; ++hq) {
                 size_t r = (size_t)(row0 + tok);
                 const float* o = e->out + r * e->out_stride + (size_t)hq * c->D;
-                const double* ro = e->ref_out + (r * e->nqh + hq) * c->D;
+                const double* ro = ref_out + (r * e->nqh + hq) * c->D;
                 double vm = e->vmax[i][hq / c->G], err_row = 0;
                 uint32_t worst_d = 0;
                 for (dd = 0; dd < c->D; ++dd) {
@@ -829,7 +850,7 @@ static int check_result(tst* t, const aenv* e, llmkv_cpu_path path, const char* 
                                 ro[worst_d], (double)o[worst_d], err_row, tol);
                 }
                 if (c->use_lse) {
-                    double ref = e->ref_lse[r * e->nqh + hq], got = (double)e->lse[r * e->nqh + hq];
+                    double ref = ref_lse[r * e->nqh + hq], got = (double)e->lse[r * e->nqh + hq];
                     double err = ref == -INFINITY ? (got == -INFINITY ? 0.0 : INFINITY) : fabs(got - ref) / (1.0 + fabs(ref));
                     if (err != err) err = INFINITY;
                     if (err > worst_l) worst_l = err;

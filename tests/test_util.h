@@ -12,6 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
+
+#include "../llmkv.h"
 
 typedef struct tst {
     int passed;           /* tests without a failed check */
@@ -104,5 +107,33 @@ void suite_fault(tst* t);
 void suite_attn(tst* t);
 void suite_quant(tst* t);
 void suite_q4c(tst* t);
+
+
+/* The query of one head as the AVX512_BF16 path's VNNI kernel uses it
+   against Q4 keys (head_dim a multiple of 128), see
+   llmkv_cpu_path: x = q * scale in F32, q_int = rint(clamp(x * (127 / m),
+   -127, 127)) with m = max |x| (F32 throughout), used as q_int * (m / 127).
+   Writes that effective query divided by `scale` to out (double), so a
+   reference that multiplies its dot products by scale gets the path's
+   logits. tst_int8_query_used says whether a (resolved) path does this. */
+static inline int tst_int8_query_used(llmkv_cpu_path path, llmkv_dtype kt, unsigned D) {
+    return path == LLMKV_CPU_PATH_AVX512_BF16 && kt == LLMKV_DTYPE_Q4 && D % 128 == 0;
+}
+
+static inline void tst_int8_query(const float* q, unsigned D, float scale, double* out) {
+    float m = 0.0f, inv, back;
+    unsigned d;
+    for (d = 0; d < D; ++d) {
+        float x = q[d] * scale;
+        if (fabsf(x) > m) m = fabsf(x);
+    }
+    inv = m > 0.0f ? 127.0f / m : 0.0f;
+    back = m / 127.0f;
+    for (d = 0; d < D; ++d) {
+        float y = q[d] * scale * inv;
+        y = y < -127.0f ? -127.0f : y > 127.0f ? 127.0f : y;
+        out[d] = (double)rintf(y) * (double)back / (double)scale;
+    }
+}
 
 #endif
