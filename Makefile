@@ -27,7 +27,7 @@ $(BUILD):
 $(BUILD)/quickstart: examples/quickstart.c $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ examples/quickstart.c $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/tests: $(TEST_SRCS) tests/test_util.h $(HEADERS) | $(BUILD)
+$(BUILD)/tests: $(TEST_SRCS) tests/test_util.h tests/test_falloc.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) $(TEST_FLAGS) -o $@ $(TEST_SRCS) $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/bench_cache_ops: bench/bench_cache_ops.c bench/bench_util.h $(HEADERS) | $(BUILD)

@@ -48,6 +48,7 @@
 
    Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]
                          [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]
+                         [--ctx N] [--batch N] [--kv-heads 8|32]
      --json     one JSON object per line (bandwidth lines, then one per case,
                 skipped cases included), nothing else on stdout
      --quick    a smoke run: a handful of small cases, 3 repetitions each,
@@ -57,6 +58,9 @@
      --kind     only decode or only prefill cases
      --path     sets llmkv_attn_desc.path (default AUTO, i.e. the best the
                 machine supports, or env LLMKV_CPU_PATH)
+     --ctx, --batch, --kv-heads
+                only decode cases of that context (512, 4096, 16384, 32768),
+                batch (1, 4, 16) or KV head count (with 32 query heads)
 
    Exit status 1, with a message on stderr, if any llmkv call fails, an
    output is not finite or disagrees with the reference; 2 on a bad
@@ -260,6 +264,9 @@ typedef struct bench {
     int only_kind;              /* 0: both, 1: decode, 2: prefill */
     llmkv_dtype only_dtype;     /* DEFAULT: every type */
     uint32_t only_threads;      /* 0: 1 and 2 */
+    uint32_t only_ctx;          /* 0: every context */
+    uint32_t only_batch;        /* 0: every decode batch */
+    uint32_t only_kv_heads;     /* 0: 8 and 32 */
     llmkv_cpu_path path;        /* desc.path */
     const char* path_name;      /* the path that runs */
 
@@ -637,13 +644,15 @@ static void bench_decode(bench* b, uint32_t n_kv_heads, llmkv_dtype dtype) {
         kvset s;
         uint32_t fit = 0; /* the largest batch within the cap */
         acase c;
+        if (b->only_ctx && ctxs[ci] != b->only_ctx) continue;
         memset(&c, 0, sizeof c);
         c.dtype = dtype;
         c.n_kv_heads = n_kv_heads;
         c.ctx = ctxs[ci];
         for (bi = 0; bi < n_batch; ++bi) {
             c.batch = batches[bi];
-            if (case_kv_bytes(&c) <= KV_CAP_BYTES) fit = batches[bi];
+            if (case_kv_bytes(&c) <= KV_CAP_BYTES && (!b->only_batch || batches[bi] <= b->only_batch))
+                fit = batches[bi];
         }
         if (fit) kvset_create(b, &s, n_kv_heads, dtype, fit, c.ctx, fit);
         for (bi = 0; bi < n_batch; ++bi) {
@@ -651,6 +660,7 @@ static void bench_decode(bench* b, uint32_t n_kv_heads, llmkv_dtype dtype) {
             uint64_t seed = 0x9000u + c.ctx + batches[bi];
             float *q, *out;
             c.batch = c.q_tokens = batches[bi];
+            if (b->only_batch && c.batch != b->only_batch) continue;
             if (c.batch > fit) {
                 for (ti = 0; ti < b->n_threads; ++ti) {
                     c.threads = b->threads[ti];
@@ -764,7 +774,8 @@ static void measure_bandwidth(bench* b, int at_end) {
 static void usage(const char* argv0) {
     fprintf(stderr,
             "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]\n"
-            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n",
+            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n"
+            "       [--ctx N] [--batch N] [--kv-heads 8|32]\n",
             argv0);
     exit(2);
 }
@@ -800,6 +811,14 @@ int main(int argc, char** argv) {
             else if (strcmp(v, "fp8") == 0) b.only_dtype = LLMKV_DTYPE_FP8;
             else if (strcmp(v, "q4c") == 0) b.only_dtype = LLMKV_DTYPE_Q4C;
             else usage(argv[0]);
+            ++i;
+        } else if ((strcmp(a, "--ctx") == 0 || strcmp(a, "--batch") == 0 || strcmp(a, "--kv-heads") == 0) && v) {
+            char* end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > 1000000) usage(argv[0]);
+            if (a[2] == 'c') b.only_ctx = (uint32_t)n;
+            else if (a[2] == 'b') b.only_batch = (uint32_t)n;
+            else b.only_kv_heads = (uint32_t)n;
             ++i;
         } else if (strcmp(a, "--kind") == 0 && v) {
             if (strcmp(v, "decode") == 0) b.only_kind = 1;
@@ -872,7 +891,8 @@ int main(int argc, char** argv) {
         int h, d;
         for (h = 0; h < 2; ++h)
             for (d = 0; d < (int)(sizeof dtypes / sizeof dtypes[0]); ++d)
-                if (!b.only_dtype || b.only_dtype == dtypes[d]) bench_decode(&b, kv_heads[h], dtypes[d]);
+                if ((!b.only_dtype || b.only_dtype == dtypes[d]) && (!b.only_kv_heads || b.only_kv_heads == kv_heads[h]))
+                    bench_decode(&b, kv_heads[h], dtypes[d]);
     }
     if (b.only_kind != 1) {
         int d;

@@ -26,6 +26,7 @@
    LLMKV_TEST_SCALE (default 1.0) scales the number of random operations,
    LLMKV_TEST_SEED changes the seeds, LLMKV_TEST_VERBOSE prints figures. */
 #include "test_util.h"
+#include "test_falloc.h"
 #include "../llmkv.h"
 
 #include <math.h>
@@ -36,18 +37,6 @@
 #define OK(t, call) TST_EQ(t, (call), LLMKV_OK)
 #define N_PATHS (LLMKV_CPU_PATH_LAST + 1)
 
-/* Failure messages are capped per test so a broken build does not flood
-   the log; the count lives in the test's own frame. */
-typedef struct qlog { int n; } qlog;
-#define QFAIL(t, lg, ...)                                                        \
-    do {                                                                         \
-        (t)->cur_failures++;                                                     \
-        if ((lg)->n++ < 12) {                                                    \
-            fprintf(stderr, "  FAIL %s:%d: ", __FILE__, __LINE__);               \
-            fprintf(stderr, __VA_ARGS__);                                        \
-            fputc('\n', stderr);                                                 \
-        }                                                                        \
-    } while (0)
 
 /* ------------------------------------------------------------------------ */
 /* Environment, floats, random numbers                                      */
@@ -193,16 +182,7 @@ static void src_encode(llmkv_dtype src, const float* x, size_t n, void* buf, flo
 
 static llmkv_desc q4c_desc(uint32_t n_layers, uint32_t n_kv, uint32_t D, uint32_t ps, uint32_t n_pages,
                            llmkv_dtype vt) {
-    llmkv_desc d;
-    memset(&d, 0, sizeof d);
-    d.n_layers = n_layers;
-    d.n_kv_heads = n_kv;
-    d.head_dim = D;
-    d.page_size = ps;
-    d.n_pages = n_pages;
-    d.k_dtype = LLMKV_DTYPE_Q4C;
-    d.v_dtype = vt;
-    return d;
+    return tst_desc(n_layers, n_kv, D, ps, n_pages, LLMKV_DTYPE_Q4C, vt);
 }
 
 static int cache_ok(llmkv_cache* kv) {
@@ -2070,68 +2050,6 @@ done:
     free(m);
     free(before);
     free(after);
-}
-
-/* Counting, failing, leak-tracking allocator (as test_fault.c). */
-typedef struct fblock {
-    unsigned char* ptr;
-    void* raw;
-    size_t size;
-} fblock;
-
-typedef struct falloc {
-    long calls, fail_at, frees;
-    int fail_all, errors;
-    fblock* blocks;
-    size_t n_blocks, cap;
-} falloc;
-
-static void* f_alloc(size_t size, size_t align, void* user) {
-    falloc* a = (falloc*)user;
-    unsigned char *raw, *p;
-    a->calls++;
-    if (align == 0 || (align & (align - 1)) != 0 || align > 4096) {
-        a->errors++;
-        align = 64;
-    }
-    if (a->fail_all || a->calls == a->fail_at) return NULL;
-    if (a->n_blocks == a->cap) {
-        size_t nc = a->cap ? a->cap * 2 : 16;
-        fblock* nb = (fblock*)realloc(a->blocks, nc * sizeof(fblock));
-        if (!nb) return NULL;
-        a->blocks = nb;
-        a->cap = nc;
-    }
-    raw = (unsigned char*)malloc(size + align);
-    if (!raw) return NULL;
-    p = raw + (align - (size_t)((uintptr_t)raw % align)) % align;
-    memset(p, 0xCD, size);
-    a->blocks[a->n_blocks].ptr = p;
-    a->blocks[a->n_blocks].raw = raw;
-    a->blocks[a->n_blocks].size = size;
-    a->n_blocks++;
-    return p;
-}
-
-static void f_free(void* ptr, size_t size, void* user) {
-    falloc* a = (falloc*)user;
-    size_t i;
-    a->frees++;
-    for (i = 0; i < a->n_blocks; ++i)
-        if (a->blocks[i].ptr == (unsigned char*)ptr) {
-            if (a->blocks[i].size != size) a->errors++;
-            free(a->blocks[i].raw);
-            a->blocks[i] = a->blocks[--a->n_blocks];
-            return;
-        }
-    a->errors++;
-}
-
-static void f_done(falloc* a) {
-    size_t i;
-    for (i = 0; i < a->n_blocks; ++i) free(a->blocks[i].raw);
-    free(a->blocks);
-    memset(a, 0, sizeof *a);
 }
 
 /* A small Q4C workload: fills, forks, truncates inside a full page,

@@ -46,18 +46,6 @@ void suite_quant(tst* t);
 #define CANARY 0xCDu
 #define N_PATHS (LLMKV_CPU_PATH_LAST + 1)
 
-/* Failure messages are capped per test so a broken build does not flood
-   the log; the count lives in the test's own frame. */
-typedef struct qlog { int n; } qlog;
-#define QFAIL(t, lg, ...)                                                        \
-    do {                                                                         \
-        (t)->cur_failures++;                                                     \
-        if ((lg)->n++ < 12) {                                                    \
-            fprintf(stderr, "  FAIL %s:%d: ", __FILE__, __LINE__);               \
-            fprintf(stderr, __VA_ARGS__);                                        \
-            fputc('\n', stderr);                                                 \
-        }                                                                        \
-    } while (0)
 
 static const llmkv_dtype QTYPES[3] = {LLMKV_DTYPE_Q8, LLMKV_DTYPE_Q4, LLMKV_DTYPE_FP8};
 
@@ -680,16 +668,7 @@ static void test_quant_special_values(tst* t) {
 /* Desc for the cache tests: 2 layers unless said otherwise. */
 static llmkv_desc qdesc(uint32_t n_layers, uint32_t n_kv, uint32_t D, uint32_t ps, uint32_t n_pages, llmkv_dtype kt,
                         llmkv_dtype vt) {
-    llmkv_desc d;
-    memset(&d, 0, sizeof d);
-    d.n_layers = n_layers;
-    d.n_kv_heads = n_kv;
-    d.head_dim = D;
-    d.page_size = ps;
-    d.n_pages = n_pages;
-    d.k_dtype = kt;
-    d.v_dtype = vt;
-    return d;
+    return tst_desc(n_layers, n_kv, D, ps, n_pages, kt, vt);
 }
 
 /* A vector's NaN and infinities never change another vector: the same

@@ -136,4 +136,33 @@ static inline void tst_int8_query(const float* q, unsigned D, float scale, doubl
     }
 }
 
+/* QFAIL: a failed check with a printf-style message. Messages are capped per test so a broken build does not flood
+   the log; the count lives in the test's own frame. */
+typedef struct qlog { int n; } qlog;
+#define QFAIL(t, lg, ...)                                                        \
+    do {                                                                         \
+        (t)->cur_failures++;                                                     \
+        if ((lg)->n++ < 12) {                                                    \
+            fprintf(stderr, "  FAIL %s:%d: ", __FILE__, __LINE__);               \
+            fprintf(stderr, __VA_ARGS__);                                        \
+            fputc('\n', stderr);                                                 \
+        }                                                                        \
+    } while (0)
+
+/* A cache descriptor with the shape fields set and everything else 0
+   (defaults). */
+static inline llmkv_desc tst_desc(unsigned n_layers, unsigned n_kv, unsigned D, unsigned ps, unsigned n_pages,
+                                  llmkv_dtype kt, llmkv_dtype vt) {
+    llmkv_desc d;
+    memset(&d, 0, sizeof d);
+    d.n_layers = n_layers;
+    d.n_kv_heads = n_kv;
+    d.head_dim = D;
+    d.page_size = ps;
+    d.n_pages = n_pages;
+    d.k_dtype = kt;
+    d.v_dtype = vt;
+    return d;
+}
+
 #endif
