@@ -1137,24 +1137,39 @@ static void llmkv__encode_tail(llmkv_dtype t, const float* x, uint32_t i0, uint3
     }
 }
 
+/* Per group of 32 of x[0 .. n) (SIMD paths, defined with the kernels): the
+   largest finite |x| (am, +0 when none) and the finite extremes (lo, hi;
+   +inf, -inf when none) of the first `returned` whole groups. */
+static uint32_t llmkv__group_stats_simd(const float* x, uint32_t n, float* am, float* lo, float* hi, uint32_t paths);
+
+/* lo[i] = min(lo[i], x[i]), hi[i] = max(hi[i], x[i]) over the finite x[i]
+   for a prefix of [0, n) (SIMD paths, defined with the kernels), exactly as
+   the scalar loop (an equal value keeps the old one, so the first of +-0
+   met stays); returns its length. */
+static uint32_t llmkv__range_update_simd(const float* x, uint32_t n, float* lo, float* hi, uint32_t paths);
+
 /* Writes the scales of a quantized vector; inv[g] (and mins[g] for Q4)
-   receive each group's 1/s (and minimum). */
-static void llmkv__quant_scales(llmkv_dtype t, const float* x, uint32_t n, unsigned char* sc, float* inv, float* mins) {
-    uint32_t g, i0;
-    if (t == LLMKV_DTYPE_FP8) {
-        inv[0] = llmkv__fp8_scale(llmkv__amax_finite(x, n), sc);
-        return;
-    }
+   receive each group's 1/s (and minimum). `paths`: as llmkv__encode_simd
+   (0: scalar). The SIMD statistics are exact; only the sign of a zero
+   extreme depends on the order of the elements, so a group with one takes
+   the scalar pass, which defines it (the first zero met). */
+static void llmkv__quant_scales(llmkv_dtype t, const float* x, uint32_t n, unsigned char* sc, float* inv, float* mins,
+                                uint32_t paths) {
+    float am[16], lo[16], hi[16], a = 0.0f;
+    uint32_t g, i0, done = paths ? llmkv__group_stats_simd(x, n, am, lo, hi, paths) : 0;
     for (g = 0, i0 = 0; i0 < n; ++g, i0 += LLMKV__QGROUP) {
         uint32_t len = n - i0 < LLMKV__QGROUP ? n - i0 : LLMKV__QGROUP;
-        if (t == LLMKV_DTYPE_Q8) {
-            inv[g] = llmkv__q8_scale(llmkv__amax_finite(x + i0, len), sc + 2 * g);
-        } else {
-            float lo, hi;
-            llmkv__range_finite(x + i0, len, &lo, &hi);
-            inv[g] = llmkv__q4_scale(lo, hi, sc + 4 * g, &mins[g]);
+        if (g >= done || lo[g] == 0.0f || hi[g] == 0.0f) {
+            am[g] = llmkv__amax_finite(x + i0, len);
+            llmkv__range_finite(x + i0, len, &lo[g], &hi[g]);
+        } else if (lo[g] > hi[g]) { /* no finite element */
+            lo[g] = hi[g] = 0.0f;
         }
+        a = am[g] > a ? am[g] : a;
+        if (t == LLMKV_DTYPE_Q8) inv[g] = llmkv__q8_scale(am[g], sc + 2 * g);
+        else if (t == LLMKV_DTYPE_Q4) inv[g] = llmkv__q4_scale(lo[g], hi[g], sc + 4 * g, &mins[g]);
     }
+    if (t == LLMKV_DTYPE_FP8) inv[0] = llmkv__fp8_scale(a, sc);
 }
 
 /* Element i of a quantized vector. */
@@ -1180,7 +1195,7 @@ static void llmkv__quantize_vec(llmkv_dtype t, const float* x, uint32_t n, unsig
                                 uint32_t paths) {
     float inv[16], mins[16];
     uint32_t done;
-    llmkv__quant_scales(t, x, n, sc, inv, mins);
+    llmkv__quant_scales(t, x, n, sc, inv, mins, paths);
     done = paths ? llmkv__encode_simd(t, x, n, data, inv, mins, paths) : 0;
     llmkv__encode_tail(t, x, done, n, data, inv, mins);
 }
@@ -1897,7 +1912,7 @@ static void llmkv__channel_encode(const llmkv__channel_src* src, uint32_t ps, ui
     for (j = 0; j < ps; ++j) {
         llmkv__channel_row16(src, j, D, h, simd);
         llmkv__convert(x, LLMKV_DTYPE_F32, h, LLMKV_DTYPE_F16, D, simd);
-        for (c = 0; c < D; ++c)
+        for (c = paths ? llmkv__range_update_simd(x, D, lo, hi, paths) : 0; c < D; ++c)
             if (llmkv__finite(x[c])) {
                 lo[c] = x[c] < lo[c] ? x[c] : lo[c];
                 hi[c] = x[c] > hi[c] ? x[c] : hi[c];
@@ -3918,6 +3933,81 @@ static LLMKV__T512 uint32_t llmkv__encode_avx512(llmkv_dtype t, const float* x, 
     return i;
 }
 
+static LLMKV__T512 uint32_t llmkv__group_stats_avx512(const float* x, uint32_t n, float* am, float* lo, float* hi) {
+    const __m512i ex = _mm512_set1_epi32(0x7f800000), mag = _mm512_set1_epi32(0x7fffffff);
+    const __m512 pinf = _mm512_set1_ps(INFINITY), ninf = _mm512_set1_ps(-INFINITY);
+    uint32_t g;
+    for (g = 0; (g + 1) * LLMKV__QGROUP <= n; ++g) {
+        __m512 a = _mm512_loadu_ps(x + g * LLMKV__QGROUP), b = _mm512_loadu_ps(x + g * LLMKV__QGROUP + 16);
+        __mmask16 fa = _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(a), ex), ex);
+        __mmask16 fb = _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(b), ex), ex);
+        __m512 aa = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), mag));
+        __m512 ab = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), mag));
+        am[g] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_maskz_mov_ps(fa, aa), _mm512_maskz_mov_ps(fb, ab)));
+        lo[g] = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_mask_blend_ps(fa, pinf, a), _mm512_mask_blend_ps(fb, pinf, b)));
+        hi[g] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_blend_ps(fa, ninf, a), _mm512_mask_blend_ps(fb, ninf, b)));
+    }
+    return g;
+}
+
+/* The largest and the smallest lane of v. */
+static LLMKV__T512 uint32_t llmkv__range_update_avx512(const float* x, uint32_t n, float* lo, float* hi) {
+    const __m512i ex = _mm512_set1_epi32(0x7f800000);
+    uint32_t i;
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i), l = _mm512_loadu_ps(lo + i), h = _mm512_loadu_ps(hi + i);
+        __mmask16 f = _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), ex), ex);
+        _mm512_storeu_ps(lo + i, _mm512_mask_blend_ps(f & _mm512_cmp_ps_mask(v, l, _CMP_LT_OQ), l, v));
+        _mm512_storeu_ps(hi + i, _mm512_mask_blend_ps(f & _mm512_cmp_ps_mask(v, h, _CMP_GT_OQ), h, v));
+    }
+    return i;
+}
+
+static LLMKV__T256 float llmkv__y_max(__m256 v) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+static LLMKV__T256 float llmkv__y_min(__m256 v) {
+    __m128 a = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_min_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_min_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+static LLMKV__T256 uint32_t llmkv__group_stats_avx2(const float* x, uint32_t n, float* am, float* lo, float* hi) {
+    const __m256i ex = _mm256_set1_epi32(0x7f800000);
+    const __m256 mag = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 pinf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    uint32_t g, k;
+    for (g = 0; (g + 1) * LLMKV__QGROUP <= n; ++g) {
+        __m256 va = _mm256_setzero_ps(), vl = pinf, vh = ninf;
+        for (k = 0; k < LLMKV__QGROUP; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + g * LLMKV__QGROUP + k);
+            __m256 bad = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), ex), ex));
+            va = _mm256_max_ps(va, _mm256_andnot_ps(bad, _mm256_and_ps(v, mag)));
+            vl = _mm256_min_ps(vl, _mm256_blendv_ps(v, pinf, bad));
+            vh = _mm256_max_ps(vh, _mm256_blendv_ps(v, ninf, bad));
+        }
+        am[g] = llmkv__y_max(va);
+        lo[g] = llmkv__y_min(vl);
+        hi[g] = llmkv__y_max(vh);
+    }
+    return g;
+}
+
+static LLMKV__T256 uint32_t llmkv__range_update_avx2(const float* x, uint32_t n, float* lo, float* hi) {
+    const __m256i ex = _mm256_set1_epi32(0x7f800000);
+    uint32_t i;
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), l = _mm256_loadu_ps(lo + i), h = _mm256_loadu_ps(hi + i);
+        __m256 ok = _mm256_castsi256_ps(_mm256_xor_si256(
+            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), ex), ex), _mm256_set1_epi32(-1)));
+        _mm256_storeu_ps(lo + i, _mm256_blendv_ps(l, v, _mm256_and_ps(ok, _mm256_cmp_ps(v, l, _CMP_LT_OQ))));
+        _mm256_storeu_ps(hi + i, _mm256_blendv_ps(h, v, _mm256_and_ps(ok, _mm256_cmp_ps(v, h, _CMP_GT_OQ))));
+    }
+    return i;
+}
+
 static LLMKV__T256 __m256 llmkv__y_q_arg(__m256 x, __m256 m, __m256 inv, float lo, float hi) {
     __m256 y;
     x = _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
@@ -4176,6 +4266,38 @@ static float32x4_t llmkv__n_q_arg(float32x4_t x, float32x4_t m, float32x4_t inv,
     return vminq_f32(vmaxq_f32(y, vdupq_n_f32(lo)), vdupq_n_f32(hi));
 }
 
+static uint32_t llmkv__group_stats_neon(const float* x, uint32_t n, float* am, float* lo, float* hi) {
+    const uint32x4_t ex = vdupq_n_u32(0x7f800000u);
+    const float32x4_t pinf = vdupq_n_f32(INFINITY), ninf = vdupq_n_f32(-INFINITY), zero = vdupq_n_f32(0.0f);
+    uint32_t g, k;
+    for (g = 0; (g + 1) * LLMKV__QGROUP <= n; ++g) {
+        float32x4_t va = zero, vl = pinf, vh = ninf;
+        for (k = 0; k < LLMKV__QGROUP; k += 4) {
+            float32x4_t v = vld1q_f32(x + g * LLMKV__QGROUP + k);
+            uint32x4_t bad = vceqq_u32(vandq_u32(vreinterpretq_u32_f32(v), ex), ex);
+            va = vmaxq_f32(va, vbslq_f32(bad, zero, vabsq_f32(v)));
+            vl = vminq_f32(vl, vbslq_f32(bad, pinf, v));
+            vh = vmaxq_f32(vh, vbslq_f32(bad, ninf, v));
+        }
+        am[g] = vmaxvq_f32(va);
+        lo[g] = vminvq_f32(vl);
+        hi[g] = vmaxvq_f32(vh);
+    }
+    return g;
+}
+
+static uint32_t llmkv__range_update_neon(const float* x, uint32_t n, float* lo, float* hi) {
+    const uint32x4_t ex = vdupq_n_u32(0x7f800000u);
+    uint32_t i;
+    for (i = 0; i + 4 <= n; i += 4) {
+        float32x4_t v = vld1q_f32(x + i), l = vld1q_f32(lo + i), h = vld1q_f32(hi + i);
+        uint32x4_t ok = vmvnq_u32(vceqq_u32(vandq_u32(vreinterpretq_u32_f32(v), ex), ex));
+        vst1q_f32(lo + i, vbslq_f32(vandq_u32(ok, vcltq_f32(v, l)), v, l));
+        vst1q_f32(hi + i, vbslq_f32(vandq_u32(ok, vcgtq_f32(v, h)), v, h));
+    }
+    return i;
+}
+
 static uint32_t llmkv__encode_neon(llmkv_dtype t, const float* x, uint32_t n, unsigned char* data, const float* inv,
                                    const float* mins) {
     uint32_t i;
@@ -4220,6 +4342,30 @@ static uint32_t llmkv__encode_simd(llmkv_dtype t, const float* x, uint32_t n, un
     if (paths >> LLMKV_CPU_PATH_NEON & 1u) return llmkv__encode_neon(t, x, n, data, inv, mins);
 #endif
     (void)t; (void)x; (void)n; (void)data; (void)inv; (void)mins; (void)paths;
+    return 0;
+}
+
+static uint32_t llmkv__group_stats_simd(const float* x, uint32_t n, float* am, float* lo, float* hi, uint32_t paths) {
+#ifdef LLMKV__X86
+    if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return llmkv__group_stats_avx512(x, n, am, lo, hi);
+    if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return llmkv__group_stats_avx2(x, n, am, lo, hi);
+#endif
+#ifdef LLMKV__NEON
+    if (paths >> LLMKV_CPU_PATH_NEON & 1u) return llmkv__group_stats_neon(x, n, am, lo, hi);
+#endif
+    (void)x; (void)n; (void)am; (void)lo; (void)hi; (void)paths;
+    return 0;
+}
+
+static uint32_t llmkv__range_update_simd(const float* x, uint32_t n, float* lo, float* hi, uint32_t paths) {
+#ifdef LLMKV__X86
+    if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return llmkv__range_update_avx512(x, n, lo, hi);
+    if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return llmkv__range_update_avx2(x, n, lo, hi);
+#endif
+#ifdef LLMKV__NEON
+    if (paths >> LLMKV_CPU_PATH_NEON & 1u) return llmkv__range_update_neon(x, n, lo, hi);
+#endif
+    (void)x; (void)n; (void)lo; (void)hi; (void)paths;
     return 0;
 }
 

@@ -918,6 +918,59 @@ static void test_q4c_put_gather(tst* t) {
      m = -2.5, s = f16(5 / 15);
    - a channel with nothing finite in a full page reads as +0;
    - the open page holds the F16 inputs (1e5 -> inf, NaN stays NaN). */
+/* Channels whose extremes are zeros of either sign, in every order, in
+   full SIMD vectors and in the scalar tail of the range pass (D = 40: two
+   16-lane blocks and 8 more), put in one call and token by token: the
+   values match the model bit for bit. (The sign of a zero minimum never
+   shows in a value: s * code + m with s * code >= +0 gives +0.) */
+static void test_q4c_zero_extremes(tst* t) {
+    enum { H = 1, D = 40, PS = 8, T = 2 * PS };
+    const size_t n = (size_t)T * H * D;
+    llmkv_desc d = q4c_desc(1, H, D, PS, 8, LLMKV_DTYPE_F32);
+    llmkv_cache* kv = NULL;
+    llmkv_seq s[2];
+    float x[T * H * D], g[T * H * D], want[T * H * D];
+    const float pz = 0.0f, nz = bitsf(0x80000000u);
+    qlog lg = {0};
+    uint32_t j, c, k;
+    size_t i;
+    for (j = 0; j < T; ++j)
+        for (c = 0; c < D; ++c) {
+            float v;
+            switch (c % 5) {
+            case 0: v = j % 2 ? nz : pz; break;              /* +0 first */
+            case 1: v = j % 2 ? pz : nz; break;              /* -0 first */
+            case 2: v = nz; break;                           /* all -0 */
+            case 3: v = j % 3 == 0 ? nz : (float)(j + 1); break; /* minimum -0, positives */
+            default: v = j % 3 == 1 ? pz : -(float)(j + 1); break; /* maximum +0, negatives */
+            }
+            if (c >= 20 && c % 5 >= 3) v = v == 0.0f ? (c % 2 ? pz : nz) : v; /* the other zero too */
+            x[(size_t)j * D + c] = v;
+        }
+    TST_REQUIRE(t, llmkv_cache_create(&d, &kv) == LLMKV_OK);
+    ref_keys(x, T, H, D, PS, want);
+    for (k = 0; k < 2; ++k) {
+        OK(t, llmkv_seq_create(kv, &s[k]));
+        if (k == 0) {
+            OK(t, llmkv_reserve(kv, s[k], T));
+            OK(t, llmkv_put(kv, s[k], 0, T, x, 0, x, 0, LLMKV_DTYPE_F32));
+        } else {
+            for (j = 0; j < T; ++j) {
+                OK(t, llmkv_reserve(kv, s[k], 1));
+                OK(t, llmkv_put(kv, s[k], 0, 1, x + (size_t)j * D, 0, x + (size_t)j * D, 0, LLMKV_DTYPE_F32));
+            }
+        }
+        OK(t, llmkv_gather(kv, s[k], 0, 0, T, g, 0, NULL, 0, LLMKV_DTYPE_F32));
+        for (i = 0; i < n; ++i)
+            if (!same_f(g[i], want[i]))
+                QFAIL(t, &lg, "put %s: pos %u ch %u: %.9g (bits %08x), reference %.9g (bits %08x)",
+                      k ? "token by token" : "at once", (uint32_t)(i / D), (uint32_t)(i % D), (double)g[i],
+                      (unsigned)fbits(g[i]), (double)want[i], (unsigned)fbits(want[i]));
+    }
+    TST_CHECK(t, cache_ok(kv));
+    llmkv_cache_destroy(kv);
+}
+
 static void test_q4c_special_values(tst* t) {
     enum { H = 2, D = 33, PS = 16, T = 2 * PS + 7 };
     const size_t row = (size_t)H * D, n = (size_t)T * row;
@@ -2221,6 +2274,7 @@ void suite_q4c(tst* t) {
     TST_RUN(t, test_q4c_rules_small);
     TST_RUN(t, test_q4c_put_gather);
     TST_RUN(t, test_q4c_special_values);
+    TST_RUN(t, test_q4c_zero_extremes);
     TST_RUN(t, test_q4c_model_random);
     TST_RUN(t, test_q4c_cow_out_of_pages);
     TST_RUN(t, test_q4c_alloc_faults);
