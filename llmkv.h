@@ -298,11 +298,15 @@ typedef struct llmkv_desc {
    (page p, layer l, head h, slot s) starts at
        pool + p * page_bytes + l * layer_stride + offset + h * head_stride
             + s * slot_stride
-   and its elements are `dtype` (Q4: two per byte, see llmkv_quantize).
+   and its elements are `dtype` (Q4, Q4C: two per byte, see llmkv_quantize).
    The scales of that vector start at
        pool + p * page_bytes + l * layer_stride + scale_offset
             + h * scale_head_stride + s * scale_slot_stride
-   Types without scales report 0 for the scale fields. */
+   Types without scales report 0 for the scale fields. Q4C keys have one
+   table per (page, layer, head) instead (scale_slot_stride 0,
+   scale_head_stride its size; see "Per-channel keys"), and the keys of a
+   sequence's partly filled last page are not in the page but in its
+   staging. */
 typedef struct llmkv_part_layout {
     llmkv_dtype dtype;
     uint32_t elem_bytes;        /* bytes per element (llmkv_dtype_size; Q4: 0) */
