@@ -3954,7 +3954,6 @@ static LLMKV__T512 uint32_t llmkv__group_stats_avx512(const float* x, uint32_t n
     return g;
 }
 
-/* The largest and the smallest lane of v. */
 static LLMKV__T512 uint32_t llmkv__range_update_avx512(const float* x, uint32_t n, float* lo, float* hi) {
     const __m512i ex = _mm512_set1_epi32(0x7f800000);
     uint32_t i;
@@ -3967,6 +3966,7 @@ static LLMKV__T512 uint32_t llmkv__range_update_avx512(const float* x, uint32_t 
     return i;
 }
 
+/* The largest and the smallest lane of v. */
 static LLMKV__T256 float llmkv__y_max(__m256 v) {
     __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     a = _mm_max_ps(a, _mm_movehl_ps(a, a));

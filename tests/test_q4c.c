@@ -349,55 +349,50 @@ static int qm_check(tst* t, qlog* lg, const llmkv_cache* kv, const qm* m, uint32
     return good;
 }
 
+/* Element i of a gathered buffer of type `out` (F32, F16 or BF16). */
+static float gathered(const void* buf, llmkv_dtype out, size_t i) {
+    float f;
+    uint16_t h;
+    if (out == LLMKV_DTYPE_F32) {
+        memcpy(&f, (const unsigned char*)buf + 4 * i, 4);
+        return f;
+    }
+    memcpy(&h, (const unsigned char*)buf + 2 * i, 2);
+    return out == LLMKV_DTYPE_F16 ? llmkv_f16_to_f32(h) : llmkv_bf16_to_f32(h);
+}
+
+/* The model's value `want` as gather to type `out` gives it. */
+static float as_gathered(float want, llmkv_dtype out) {
+    return out == LLMKV_DTYPE_F16 ? f16r(want) : out == LLMKV_DTYPE_BF16 ? bf16r(want) : want;
+}
+
 /* Rule 9: gather to F16, BF16 and DEFAULT converts from the same values
    (DEFAULT: K as F32, V in its storage type). */
 static int qm_check_types(tst* t, qlog* lg, const llmkv_cache* kv, const qm* m, uint32_t idx, uint32_t layer,
                           float* kb, float* vb) {
     const qm_seq* s = &m->s[idx];
-    uint32_t n = s->valid[layer], ti;
+    uint32_t n = s->valid[layer], ti, part;
     size_t a = qm_at(m, layer, 0), i, cnt = (size_t)n * m->row;
     static const llmkv_dtype types[3] = {LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16, LLMKV_DTYPE_DEFAULT};
     int good = 1;
     if (n == 0) return 1;
     for (ti = 0; ti < 3; ++ti) {
         llmkv_dtype dt = types[ti];
-        const unsigned char* kbytes = (const unsigned char*)kb;
-        const unsigned char* vbytes = (const unsigned char*)vb;
         if (llmkv_gather(kv, s->id, layer, 0, n, kb, 0, vb, 0, dt) != LLMKV_OK) {
             QFAIL(t, lg, "seq %u: gather to %s failed", idx, dt == LLMKV_DTYPE_DEFAULT ? "DEFAULT" : llmkv_dtype_name(dt));
             return 0;
         }
-        for (i = 0; i < cnt && good; ++i) {
-            float want = s->kg[a + i], got;
-            uint16_t h;
-            if (dt == LLMKV_DTYPE_DEFAULT) {
-                memcpy(&got, kbytes + 4 * i, 4);
-            } else {
-                memcpy(&h, kbytes + 2 * i, 2);
-                got = dt == LLMKV_DTYPE_F16 ? llmkv_f16_to_f32(h) : llmkv_bf16_to_f32(h);
-                want = dt == LLMKV_DTYPE_F16 ? f16r(want) : bf16r(want);
-            }
-            if (!same_f(got, want)) {
-                QFAIL(t, lg, "seq %u layer %u element %u: K gathered as %s is %.9g, want %.9g", idx, layer, (uint32_t)i,
-                      dt == LLMKV_DTYPE_DEFAULT ? "DEFAULT" : llmkv_dtype_name(dt), (double)got, (double)want);
-                good = 0;
-            }
-        }
-        for (i = 0; i < cnt && good; ++i) {
-            llmkv_dtype vt_out = dt == LLMKV_DTYPE_DEFAULT ? m->vt : dt;
-            float want = s->v[a + i], got;
-            uint16_t h;
-            if (vt_out == LLMKV_DTYPE_F32) {
-                memcpy(&got, vbytes + 4 * i, 4);
-            } else {
-                memcpy(&h, vbytes + 2 * i, 2);
-                got = vt_out == LLMKV_DTYPE_F16 ? llmkv_f16_to_f32(h) : llmkv_bf16_to_f32(h);
-                want = vt_out == LLMKV_DTYPE_F16 ? f16r(want) : bf16r(want);
-            }
-            if (!same_f(got, want)) {
-                QFAIL(t, lg, "seq %u layer %u element %u: V gathered as %s differs", idx, layer, (uint32_t)i,
-                      dt == LLMKV_DTYPE_DEFAULT ? "DEFAULT" : llmkv_dtype_name(dt));
-                good = 0;
+        for (part = 0; part < 2; ++part) { /* K (DEFAULT: F32), then V (DEFAULT: its storage type) */
+            llmkv_dtype out = dt != LLMKV_DTYPE_DEFAULT ? dt : part ? m->vt : LLMKV_DTYPE_F32;
+            for (i = 0; i < cnt && good; ++i) {
+                float got = gathered(part ? (const void*)vb : (const void*)kb, out, i);
+                float want = as_gathered(part ? s->v[a + i] : s->kg[a + i], out);
+                if (!same_f(got, want)) {
+                    QFAIL(t, lg, "seq %u layer %u element %u: %s gathered as %s is %.9g, want %.9g", idx, layer,
+                          (uint32_t)i, part ? "V" : "K", dt == LLMKV_DTYPE_DEFAULT ? "DEFAULT" : llmkv_dtype_name(dt),
+                          (double)got, (double)want);
+                    good = 0;
+                }
             }
         }
     }
