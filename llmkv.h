@@ -223,7 +223,8 @@ typedef enum llmkv_dtype {
      - The last page of a sequence, while not full, holds its keys at F16
        in a staging area owned by the sequence slot (preallocated:
        max_seqs * n_layers * n_kv_heads * page_size * head_dim * 2 bytes,
-       counted by llmkv_cache_memory_size). llmkv_put quantizes a page
+       counted by llmkv_cache_memory_size, reported as
+       llmkv_stats.staging_bytes). llmkv_put quantizes a page
        when it writes the page's last slot, so a page's codes do not
        depend on how its tokens arrived.
      - llmkv_truncate into a full page, or a put that rewrites part of
@@ -559,7 +560,9 @@ typedef struct llmkv_stats {
     uint64_t page_bytes;
     uint64_t pool_bytes;        /* n_pages_total * page_bytes */
     uint64_t used_bytes;        /* n_pages_used * page_bytes */
-    uint64_t metadata_bytes;    /* everything the cache holds besides pages */
+    uint64_t metadata_bytes;    /* everything the cache holds besides pages and staging */
+    uint64_t staging_bytes;     /* Q4C keys: the F16 staging of every sequence slot's
+                                   last page (see "Per-channel keys"); else 0 */
     uint64_t n_tokens;          /* sum of sequence lengths (shared counted per sequence) */
     uint64_t n_slots_used;      /* distinct physical slots holding a position */
     uint64_t n_slots_unused;    /* slots in used pages that hold none */
@@ -2608,6 +2611,7 @@ LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
     out->pool_bytes = cache->layout.page_bytes * cache->n_pages;
     out->used_bytes = cache->layout.page_bytes * out->n_pages_used;
     out->metadata_bytes = cache->meta_bytes;
+    out->staging_bytes = cache->stage ? (uint64_t)cache->desc.max_seqs * cache->layout.n_layers * cache->stage_layer * 2 : 0;
     for (i = 0; i < cache->n_pages; ++i) out->n_pages_shared += cache->refcount[i] > 1;
     /* scratch[p] = the most slots any sequence uses in page p. */
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);

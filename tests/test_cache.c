@@ -981,6 +981,7 @@ static void test_stats_exact(tst* t) {
     TST_EQ(t, st.pool_bytes, 10 * l.page_bytes);
     TST_EQ(t, st.used_bytes, 4 * l.page_bytes);
     TST_CHECK(t, st.metadata_bytes > 0 && st.metadata_bytes < 64 * 1024);
+    TST_EQ(t, st.staging_bytes, 0); /* only Q4C keys stage */
     llmkv_cache_destroy(kv);
 }
 

@@ -2256,6 +2256,11 @@ static void test_q4c_create_in(tst* t) {
     TST_EQ(t, llmkv_cache_create_in(&d, mem + 3, size - 1, &kv), LLMKV_ERR_BUFFER_TOO_SMALL);
     TST_EQ(t, llmkv_cache_create_in(&d, mem + 3, size, &kv), LLMKV_OK);
     if (kv) {
+        llmkv_stats st;
+        OK(t, llmkv_cache_stats(kv, &st));
+        /* F16 staging: max_seqs x layers x heads x page_size x head_dim x 2 */
+        TST_EQ(t, st.staging_bytes, 3 * 2 * 2 * 5 * 33 * 2);
+        TST_CHECK(t, st.pool_bytes + st.metadata_bytes + st.staging_bytes <= size);
         q4c_workload(t, kv, 2, 33, 5, LLMKV_DTYPE_BF16);
         llmkv_cache_destroy(kv);
     }
