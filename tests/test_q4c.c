@@ -1501,6 +1501,27 @@ static double qa_run_all(tst* t, qa_env* e, llmkv_threadpool* pool2, size_t* ws_
     return worst;
 }
 
+/* Sets up case c, runs it on every path and thread mode, frees it; keeps
+   the worst error (relative to its bound) and counts the case. Returns
+   the workspace bytes the 2-thread part/merge run needed (0 on a failed
+   setup). */
+static size_t qa_case_run(tst* t, const qa_case* c, tst_rng* r, llmkv_threadpool* pool2, double* worst,
+                          uint32_t* n_cases) {
+    qa_env e;
+    size_t ws = 0;
+    double w;
+    if (!qa_setup(t, &e, c, r)) {
+        print_qa_case(c);
+        qa_free(&e);
+        return 0;
+    }
+    w = qa_run_all(t, &e, pool2, &ws);
+    if (w > *worst) *worst = w;
+    qa_free(&e);
+    ++*n_cases;
+    return ws;
+}
+
 static void test_q4c_attention(tst* t) {
     static const uint32_t dims[] = {1, 7, 33, 64, 80, 128, 256};
     static const uint32_t pss[] = {1, 5, 16, 32, 64};
@@ -1520,9 +1541,6 @@ static void test_q4c_attention(tst* t) {
     for (di = 0; di < sizeof dims / sizeof dims[0]; ++di)
         for (pi = 0; pi < sizeof pss / sizeof pss[0]; ++pi) {
             qa_case c;
-            qa_env e;
-            size_t ws;
-            double w;
             uint32_t ps = pss[pi];
             memset(&c, 0, sizeof c);
             c.D = dims[di];
@@ -1543,23 +1561,12 @@ static void test_q4c_attention(tst* t) {
             c.qlens[2] = umin(c.lens[2], 24);
             c.lens[3] = 3 * ps + 1;             /* decode just past a page boundary */
             c.qlens[3] = 1;
-            if (!qa_setup(t, &e, &c, &r)) {
-                print_qa_case(&c);
-                qa_free(&e);
-                continue;
-            }
-            w = qa_run_all(t, &e, pool2, &ws);
-            if (w > worst) worst = w;
-            qa_free(&e);
-            ++n_cases;
+            qa_case_run(t, &c, &r, pool2, &worst, &n_cases);
         }
     /* Every sequence truncated back into its full last page (rule 6): the
        kernels must read what gather returns there too. */
     for (di = 0; di < sizeof dims / sizeof dims[0]; ++di) {
         qa_case c;
-        qa_env e;
-        size_t ws;
-        double w;
         uint32_t ps = pss[1 + di % 3];
         memset(&c, 0, sizeof c);
         c.D = dims[di];
@@ -1577,24 +1584,14 @@ static void test_q4c_attention(tst* t) {
         c.qlens[1] = umin(c.lens[1], 4);
         c.lens[2] = 1;                     /* page 0 cut to its first slot */
         c.qlens[2] = 1;
-        if (!qa_setup(t, &e, &c, &r)) {
-            print_qa_case(&c);
-            qa_free(&e);
-            continue;
-        }
-        w = qa_run_all(t, &e, pool2, &ws);
-        if (w > worst) worst = w;
-        qa_free(&e);
-        ++n_cases;
+        qa_case_run(t, &c, &r, pool2, &worst, &n_cases);
     }
     /* Long sequences: a decode the 2-thread split must divide (as in
        test_attn.c: one sequence, one query, at most 2 query heads), and a
        64-token prefill chunk at 700. */
     {
         qa_case c;
-        qa_env e;
-        size_t ws = 0;
-        double w;
+        size_t ws;
         int k;
         for (k = 0; k < 2; ++k) {
             memset(&c, 0, sizeof c);
@@ -1608,19 +1605,11 @@ static void test_q4c_attention(tst* t) {
             c.lens[0] = k ? 700 : 1500;
             c.qlens[0] = k ? 64 : 1;
             c.outliers = 1;
-            if (!qa_setup(t, &e, &c, &r)) {
-                print_qa_case(&c);
-                qa_free(&e);
-                continue;
-            }
-            w = qa_run_all(t, &e, pool2, &ws);
-            if (w > worst) worst = w;
+            ws = qa_case_run(t, &c, &r, pool2, &worst, &n_cases);
             if (k == 0) {
                 if (ws == 0) fprintf(stderr, "  no split for a 1500-token decode on 2 threads\n");
                 TST_CHECK(t, ws > 0);
             }
-            qa_free(&e);
-            ++n_cases;
         }
     }
     llmkv_threadpool_destroy(pool2);
