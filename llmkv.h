@@ -1456,19 +1456,20 @@ struct llmkv_cache {
 
     /* Q4C keys only (else NULL): kfill[slot * n_layers + layer] is the first
        position of the page whose keys that slot holds at F16 in its
-       staging area (stage + (slot * n_layers + layer) * stage_layer
-       elements, [n_kv_heads][page_size][head_dim]), or LLMKV__NO_SLOT. */
+       staging area (llmkv__stage_block: [n_kv_heads][page_size][head_dim]
+       F16 per (slot, layer)), or LLMKV__NO_SLOT. */
     uint32_t* kfill;
     uint16_t* stage;
-    uint64_t stage_layer;       /* elements of one (slot, layer) staging block */
 };
 
 #define LLMKV__NO_SLOT 0xffffffffu
 
-/* Elements of the Q4C staging of one sequence slot (every layer). */
-static uint64_t llmkv__stage_slot_elems(const llmkv_layout* l) {
-    return (uint64_t)l->n_layers * l->n_kv_heads * l->page_size * l->head_dim;
+/* Elements of the Q4C staging of one (sequence slot, layer), and of one
+   slot (every layer). */
+static uint64_t llmkv__stage_layer_elems(const llmkv_layout* l) {
+    return (uint64_t)l->n_kv_heads * l->page_size * l->head_dim;
 }
+static uint64_t llmkv__stage_slot_elems(const llmkv_layout* l) { return l->n_layers * llmkv__stage_layer_elems(l); }
 
 /* CPU detection (defined with the attention kernels). cpuid is costly in a
    virtual machine (each one traps to the hypervisor), so a cache detects
@@ -1550,7 +1551,6 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
         uint64_t e;
         kv->kfill = (uint32_t*)llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 4);
         for (e = 0; e < (uint64_t)d->max_seqs * d->n_layers; ++e) kv->kfill[e] = LLMKV__NO_SLOT;
-        kv->stage_layer = (uint64_t)l->n_kv_heads * l->page_size * l->head_dim;
         if (pages)
             kv->stage = (uint16_t*)(void*)((unsigned char*)pages +
                                            llmkv__align_up(l->page_bytes * d->n_pages, LLMKV__ALIGN));
@@ -1881,9 +1881,9 @@ typedef struct llmkv__channel_src {
     llmkv_dtype in_type;
     uint32_t in_lo, in_hi;
     const uint16_t* stage;
-    const unsigned char* codes;
+    unsigned char* codes;       /* the page's codes and table: read, and written by encode */
     size_t slot_stride;
-    const unsigned char* tab;
+    unsigned char* tab;
 } llmkv__channel_src;
 
 /* Slot j's F16 values, as F16 bits. */
@@ -1909,7 +1909,6 @@ static void llmkv__channel_encode(const llmkv__channel_src* src, uint32_t ps, ui
     float x[LLMKV__MAX_HEAD_DIM];
     uint16_t h[LLMKV__MAX_HEAD_DIM];
     unsigned char tab[LLMKV__MAX_HEAD_DIM / 16 * 64], row[LLMKV__MAX_HEAD_DIM / 2];
-    unsigned char* codes = (unsigned char*)(uintptr_t)src->codes;
     uint32_t j, c, nb = (D + 1) / 2;
     int simd = (int)(paths >> LLMKV_CPU_PATH_AVX2 & 1u);
     for (c = 0; c < D; ++c) {
@@ -1939,9 +1938,9 @@ static void llmkv__channel_encode(const llmkv__channel_src* src, uint32_t ps, ui
         llmkv__convert(x, LLMKV_DTYPE_F32, h, LLMKV_DTYPE_F16, D, simd);
         c = paths ? llmkv__encode_simd(LLMKV_DTYPE_Q4C, x, D, row, inv, mn, paths) : 0;
         llmkv__encode_tail(LLMKV_DTYPE_Q4C, x, c, D, row, inv, mn);
-        memcpy(codes + j * src->slot_stride, row, nb);
+        memcpy(src->codes + j * src->slot_stride, row, nb);
     }
-    memcpy((unsigned char*)(uintptr_t)src->tab, tab, llmkv__channel_table_bytes(D));
+    memcpy(src->tab, tab, llmkv__channel_table_bytes(D));
 }
 
 /* Page bytes of (page p, layer) and that slot's staging block. */
@@ -1949,7 +1948,7 @@ static unsigned char* llmkv__page_layer(const llmkv_cache* kv, uint32_t p, uint3
     return kv->pool + (size_t)p * kv->layout.page_bytes + (size_t)layer * kv->layout.layer_stride;
 }
 static uint16_t* llmkv__stage_block(const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
-    return kv->stage + ((size_t)slot * kv->layout.n_layers + layer) * kv->stage_layer;
+    return kv->stage + ((size_t)slot * kv->layout.n_layers + layer) * llmkv__stage_layer_elems(&kv->layout);
 }
 
 /* Quantizes the staged page of (slot, layer) into its page and clears the
@@ -2376,7 +2375,7 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
             cache->kfill[(size_t)dst_slot * L + l] = kf;
             if (kf != LLMKV__NO_SLOT)
                 memcpy(llmkv__stage_block(cache, dst_slot, l), llmkv__stage_block(cache, src_slot, l),
-                       (size_t)cache->stage_layer * 2);
+                       (size_t)llmkv__stage_layer_elems(&cache->layout) * 2);
         }
     }
     /* The source's pages just became read-only: batches that could write
@@ -2611,7 +2610,7 @@ LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
     out->pool_bytes = cache->layout.page_bytes * cache->n_pages;
     out->used_bytes = cache->layout.page_bytes * out->n_pages_used;
     out->metadata_bytes = cache->meta_bytes;
-    out->staging_bytes = cache->stage ? (uint64_t)cache->desc.max_seqs * cache->layout.n_layers * cache->stage_layer * 2 : 0;
+    out->staging_bytes = cache->stage ? cache->desc.max_seqs * llmkv__stage_slot_elems(&cache->layout) * 2 : 0;
     for (i = 0; i < cache->n_pages; ++i) out->n_pages_shared += cache->refcount[i] > 1;
     /* scratch[p] = the most slots any sequence uses in page p. */
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
