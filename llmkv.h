@@ -167,6 +167,7 @@ typedef enum llmkv_result {
     LLMKV_ERR_SEQUENCE_TOO_LONG = -23,    /* the request passes desc.max_seq_len */
     LLMKV_ERR_COPY_QUEUE_FULL = -24,      /* metadata-only: pending page copies fill the queue */
     LLMKV_ERR_BATCH_FULL = -25,           /* more sequences or tokens than the batch holds */
+    LLMKV_ERR_TOO_MANY_PINS = -26,        /* desc.max_pins pins are live */
 
     LLMKV_ERR_STALE_BATCH = -40,      /* a sequence in the batch changed after it was built */
     LLMKV_ERR_NO_PAGE_DATA = -41,     /* a data call on a metadata-only cache */
@@ -292,6 +293,10 @@ typedef struct llmkv_desc {
                                     default n_pages */
     llmkv_allocator allocator;   /* default: LLMKV_MALLOC / LLMKV_FREE */
     llmkv_logger logger;         /* default: silent */
+    uint32_t prefix_index;  /* nonzero: keep each slot's token id and the
+                               prefix index (see "Prefix index"); 0: off */
+    uint32_t max_pins;      /* prefix index: pins alive at once, 1..65536;
+                               default 64 */
 } llmkv_desc;
 
 /* Where one part (K or V) of one layer sits inside a page. Offsets are from
@@ -466,6 +471,137 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
 LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
 
 /* ------------------------------------------------------------------------ */
+/* Prefix index                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* With desc.prefix_index set, the cache records the token id of every slot
+   and keeps a radix tree over token ids whose nodes are pages: a node is a
+   page, keyed by its parent node, its namespace and the tokens its slots
+   hold. Requests that start with the same tokens share those pages instead
+   of storing and computing them again.
+
+   Sharing is page-granular, matching token-granular: a new sequence from a
+   prompt shares every cached page its prompt covers whole, and when the
+   match ends inside a cached page it shares that page too and holds only
+   the matched slots; its first write there copies them into a fresh page
+   (copy-on-write, as after llmkv_truncate). The match stops at most at
+   n_prompt - 1 tokens, so the caller always computes the last prompt token
+   (it needs that token's logits).
+
+   Publishing: a sequence's full pages enter the index once their K and V
+   are written for every layer (llmkv_put records that; device backends
+   call llmkv_seq_mark_written). That happens at its next llmkv_reserve*,
+   at llmkv_seq_publish and at llmkv_seq_free, so a conversation's next
+   turn finds its own history. llmkv_seq_publish can also publish the
+   partly filled last page (not with Q4C keys, whose last page lives in the
+   sequence's staging). A page whose tokens equal a cached page under the
+   same parent is not stored twice: the sequence switches to the cached
+   page and its own copy is freed (its page table changes: rebuild
+   batches, which a reserve requires anyway).
+
+   References: the index holds one reference on each of its pages (so a
+   sequence writing into a cached page copies it first), each sequence one
+   per page-table entry. A cached page that no sequence holds and no pin
+   keeps is evictable. When a call needs a page and the free list is empty,
+   the least recently used evictable page goes first; the order makes it a
+   leaf (a page is never evicted before the pages below it), each eviction
+   is O(1), and a page a live sequence holds or a pin keeps is never
+   evicted. Capacity checks count evictable pages as available.
+
+   Namespaces: every node belongs to the 64-bit namespace of the sequence
+   that published it, and a lookup only ever compares nodes of its own
+   namespace: tenants, adapters or model variants given distinct namespaces
+   never share pages, and the time a lookup takes does not depend on what
+   another namespace has cached (only on how many of its pages collide in
+   the hash table, never on their tokens). Sequences made by
+   llmkv_seq_create are in namespace 0.
+
+   Token ids are int32 values >= 0. Slots reserved without token ids
+   (llmkv_reserve) hold "unknown": a page with an unknown slot is never
+   published, and neither is any page after it. */
+
+typedef int32_t llmkv_token;
+
+/* A pin handle (slot and generation, like llmkv_seq). Zero is never valid. */
+typedef struct llmkv_pin { uint32_t id; } llmkv_pin;
+
+/* llmkv_reserve that also records the token ids of the new positions
+   (tokens: n_tokens ids; NULL records "unknown"), publishing the sequence's
+   full, written pages first. LLMKV_ERR_UNSUPPORTED without a prefix index;
+   LLMKV_ERR_INVALID_ARGUMENT for a negative id. Transactional like
+   llmkv_reserve; may evict. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
+                                            uint32_t n_tokens);
+
+/* llmkv_reserve_many with token ids: tokens[i] holds n_tokens[i] ids for
+   seqs[i] (tokens itself or any tokens[i] may be NULL: unknown).
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
+                                                 const uint32_t* n_tokens, const llmkv_token* const* tokens,
+                                                 uint32_t n_seqs);
+
+/* Copies the token ids of positions [pos, pos + n_tokens) into `out`
+   (-1 for unknown). LLMKV_ERR_UNSUPPORTED without a prefix index.
+   Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq, uint32_t pos, uint32_t n_tokens,
+                                        llmkv_token* out);
+
+/* Starts a sequence in namespace `ns` from a prompt: it shares the longest
+   cached prefix of prompt[0, n_prompt - 1) (see above) and *n_cached
+   receives its length, the positions the sequence already holds; the caller
+   reserves (llmkv_reserve_tokens) and computes prompt[*n_cached, n_prompt).
+   n_prompt 0 makes an empty sequence in `ns`. Counts the matched and missed
+   tokens in the stats. Allocates no page (a partial match copies at the
+   first write). Errors: LLMKV_ERR_UNSUPPORTED without a prefix index,
+   LLMKV_ERR_SEQUENCE_TOO_LONG when n_prompt > desc.max_seq_len,
+   LLMKV_ERR_TOO_MANY_SEQUENCES, LLMKV_ERR_INVALID_ARGUMENT (a negative id);
+   nothing changes on error. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
+                                               uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached);
+
+/* Read-only lookup: *n_matched receives the length of the longest cached
+   prefix of tokens[0, n_tokens) in namespace `ns` (all n_tokens may match;
+   no cap). Locks nothing, touches no LRU order, counts nothing.
+   Thread safety: read-only. */
+LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                          uint32_t n_tokens, uint32_t* n_matched);
+
+/* Publishes the sequence's full, written pages now, and with `partial`
+   nonzero its written, partly filled last page too (skipped with Q4C keys,
+   or when a cached page already holds those tokens). The sequence's next
+   write into a published partial page copies it first.
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int partial);
+
+/* Declares positions [0, n_tokens) of the sequence written for every layer,
+   K and V (clamped to its length). For callers that write page bytes
+   themselves: device backends, or code writing through llmkv_cache_pool.
+   llmkv_put records its writes itself. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
+
+/* Pins the cached pages that hold the longest cached prefix of
+   tokens[0, n_tokens) in namespace `ns` (whole nodes only: a cached page is
+   pinned when every token it holds is inside the match), so they are never
+   evicted; *n_pinned receives the tokens they hold. Pinned pages stay
+   cached when no sequence holds them and count against capacity. Pins
+   nest: a page stays pinned until every pin over it is released. A match
+   of 0 tokens gives a valid, empty pin. LLMKV_ERR_TOO_MANY_PINS when
+   desc.max_pins pins are live; LLMKV_ERR_UNSUPPORTED without a prefix
+   index. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                        uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned);
+
+/* Releases a pin; pages no other pin keeps and no sequence holds become
+   evictable (most recently used). LLMKV_ERR_STALE_HANDLE for a released
+   or invalid pin. Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin);
+
+/* Evicts up to max_pages evictable pages, least recently used first
+   (UINT32_MAX: all); *n_evicted (may be NULL) receives how many.
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted);
+
+/* ------------------------------------------------------------------------ */
 /* Page-copy commands (metadata-only caches)                                */
 /* ------------------------------------------------------------------------ */
 
@@ -566,6 +702,15 @@ typedef struct llmkv_stats {
     uint64_t n_tokens;          /* sum of sequence lengths (shared counted per sequence) */
     uint64_t n_slots_used;      /* distinct physical slots holding a position */
     uint64_t n_slots_unused;    /* slots in used pages that hold none */
+    /* Prefix index (all 0 when desc.prefix_index is off). */
+    uint32_t n_pages_cached;    /* pages in the prefix index (held or not) */
+    uint32_t n_pages_evictable; /* cached pages no sequence holds and no pin keeps */
+    uint32_t n_pages_pinned;    /* cached pages that a pin keeps */
+    uint32_t n_pins;            /* live pins */
+    uint64_t n_evictions;       /* pages evicted since creation */
+    uint64_t prompt_tokens_matched; /* llmkv_seq_create_prefix: tokens found cached */
+    uint64_t prompt_tokens_missed;  /* ... and tokens the caller had to compute */
+    double hit_rate;            /* matched / (matched + missed); 0 before any prompt */
 } llmkv_stats;
 
 /* Fills `out`. O(pages + page-table entries). Changes no state, but uses
@@ -872,6 +1017,7 @@ LLMKV_API const char* llmkv_result_string(llmkv_result result) {
     case LLMKV_ERR_SEQUENCE_TOO_LONG: return "LLMKV_ERR_SEQUENCE_TOO_LONG: the sequence would pass max_seq_len";
     case LLMKV_ERR_COPY_QUEUE_FULL: return "LLMKV_ERR_COPY_QUEUE_FULL: the page-copy queue is full";
     case LLMKV_ERR_BATCH_FULL: return "LLMKV_ERR_BATCH_FULL: more sequences or tokens than the batch holds";
+    case LLMKV_ERR_TOO_MANY_PINS: return "LLMKV_ERR_TOO_MANY_PINS: every pin slot is in use";
     case LLMKV_ERR_STALE_BATCH: return "LLMKV_ERR_STALE_BATCH: a sequence changed after the batch was built";
     case LLMKV_ERR_NO_PAGE_DATA: return "LLMKV_ERR_NO_PAGE_DATA: the cache is metadata-only";
     case LLMKV_ERR_CORRUPT: return "LLMKV_ERR_CORRUPT: an internal invariant does not hold";
@@ -1343,6 +1489,16 @@ static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: max_seqs must be at most %u (got %u)", LLMKV__MAX_SEQS, d->max_seqs);
         return LLMKV_ERR_INVALID_ARGUMENT;
     }
+    if (d->prefix_index) {
+        d->prefix_index = 1;
+        if (d->max_pins == 0) d->max_pins = 64;
+        if (d->max_pins > 65536) {
+            llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: max_pins must be 1..65536 (got %u)", d->max_pins);
+            return LLMKV_ERR_INVALID_ARGUMENT;
+        }
+    } else {
+        d->max_pins = 0;
+    }
     if (!d->allocator.alloc != !d->allocator.free) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: allocator needs both alloc and free");
         return LLMKV_ERR_INVALID_ARGUMENT;
@@ -1419,7 +1575,28 @@ typedef struct llmkv__seq {
     uint64_t epoch;     /* cache-unique stamp of the last change (batches compare it) */
     uint32_t next_free; /* free-slot FIFO link */
     uint32_t mark;      /* call stamp for duplicate detection */
+    uint32_t n_pub;     /* prefix index: leading table pages that are full nodes on its path */
+    uint64_t ns;        /* prefix index: namespace it matches and publishes in */
 } llmkv__seq;
+
+/* A page's place in the prefix index (see "Prefix index" in the API): its
+   parent page (LLMKV__NO_SLOT at the root), its namespace and the tokens
+   in its first ntok slots (ntok 0: not in the index). Full nodes are
+   chained in the full-key hash table (parent, ns, all tokens), every node
+   in the first-token table (parent, ns, first token); evictable nodes in
+   the LRU list, oldest at lru_head. */
+typedef struct llmkv__node {
+    uint32_t parent, ntok, n_children, pins;
+    uint32_t hash_full, hash_first;
+    uint32_t full_next, full_prev, first_next, first_prev;
+    uint32_t lru_next, lru_prev;
+    uint64_t ns;
+} llmkv__node;
+
+/* A pin: the deepest node it keeps (LLMKV__NO_SLOT for an empty pin). */
+typedef struct llmkv__pin {
+    uint32_t gen, live, node, next_free;
+} llmkv__pin;
 
 struct llmkv_cache {
     llmkv_desc desc;            /* effective: defaults filled, capacity resolved */
@@ -1460,6 +1637,18 @@ struct llmkv_cache {
        F16 per (slot, layer)), or LLMKV__NO_SLOT. */
     uint32_t* kfill;
     uint16_t* stage;
+
+    /* Prefix index (desc.prefix_index; else NULL / 0). */
+    llmkv_token* tok;           /* [n_pages * page_size] token id of every slot, -1 unknown */
+    llmkv__node* nodes;         /* [n_pages] */
+    uint32_t* heads;            /* [2 * n_buckets]: full-key chains, then first-token chains */
+    uint32_t bucket_mask;       /* n_buckets - 1 (a power of two >= n_pages) */
+    uint32_t* written;          /* [max_seqs][n_layers][2]: K, V written below this position */
+    llmkv__pin* pins;           /* [max_pins] */
+    uint32_t pin_free, pin_bits, pin_gen_max, n_pins;
+    uint32_t lru_head, lru_tail;
+    uint32_t n_evictable, n_cached, n_pinned_pages;
+    uint64_t n_evictions, tokens_matched, tokens_missed;
 };
 
 #define LLMKV__NO_SLOT 0xffffffffu
@@ -1477,6 +1666,13 @@ static uint64_t llmkv__stage_slot_elems(const llmkv_layout* l) { return l->n_lay
 static uint32_t llmkv__cpu_detect(void);
 static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths);
 
+/* Hash buckets of the prefix index: a power of two >= n_pages. */
+static uint64_t llmkv__buckets(uint64_t n_pages) {
+    uint64_t b = 1;
+    while (b < n_pages) b <<= 1;
+    return b;
+}
+
 /* Footprint of the metadata block and of the pages for `d` (capacity
    resolved). Returns 0 when the sizes do not fit the address space. */
 static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t* meta, uint64_t* pages) {
@@ -1492,6 +1688,13 @@ static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t
     llmkv__carve(&c, table_entries * 4);
     llmkv__carve(&c, queue * sizeof(llmkv_copy_cmd));
     if (llmkv__dtype_channel(l->k.dtype)) llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 4);
+    if (d->prefix_index) {
+        llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
+        llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
+        llmkv__carve(&c, (uint64_t)llmkv__buckets(d->n_pages) * 2 * 4);
+        llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
+        llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
+    }
     *meta = llmkv__align_up(c.used, LLMKV__ALIGN);
     *pages = d->storage == LLMKV_STORAGE_METADATA_ONLY ? 0 : l->page_bytes * d->n_pages;
     if (llmkv__dtype_channel(l->k.dtype)) { /* + the F16 staging of every slot's tail page */
@@ -1554,6 +1757,30 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
         if (pages)
             kv->stage = (uint16_t*)(void*)((unsigned char*)pages +
                                            llmkv__align_up(l->page_bytes * d->n_pages, LLMKV__ALIGN));
+    }
+    if (d->prefix_index) {
+        uint64_t nb = llmkv__buckets(d->n_pages), e;
+        kv->tok = (llmkv_token*)llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
+        kv->nodes = (llmkv__node*)llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
+        kv->heads = (uint32_t*)llmkv__carve(&c, nb * 2 * 4);
+        kv->written = (uint32_t*)llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
+        kv->pins = (llmkv__pin*)llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
+        kv->bucket_mask = (uint32_t)(nb - 1);
+        for (e = 0; e < (uint64_t)d->n_pages * d->page_size; ++e) kv->tok[e] = -1;
+        memset(kv->nodes, 0, (size_t)d->n_pages * sizeof(llmkv__node));
+        for (e = 0; e < nb * 2; ++e) kv->heads[e] = LLMKV__NO_SLOT;
+        memset(kv->written, 0, (size_t)d->max_seqs * d->n_layers * 2 * 4);
+        for (e = 0; e < d->max_pins; ++e) {
+            kv->pins[e].gen = 1;
+            kv->pins[e].live = 0;
+            kv->pins[e].node = LLMKV__NO_SLOT;
+            kv->pins[e].next_free = e + 1 < d->max_pins ? (uint32_t)e + 1 : LLMKV__NO_SLOT;
+        }
+        kv->pin_free = 0;
+        for (bits = 1; ((uint32_t)1 << bits) < d->max_pins; ++bits) {}
+        kv->pin_bits = bits;
+        kv->pin_gen_max = (uint32_t)((((uint64_t)1) << (32 - bits)) - 1);
+        kv->lru_head = kv->lru_tail = LLMKV__NO_SLOT;
     }
     kv->meta_bytes = meta_size;
     kv->pool = (unsigned char*)pages;
@@ -1779,8 +2006,153 @@ static llmkv__seq* llmkv__lookup(const llmkv_cache* kv, llmkv_seq h, uint32_t* s
     return s;
 }
 
+/* --- Prefix index: LRU list, hash chains, nodes ------------------------- */
+
+/* A cached page that no sequence holds and no pin keeps. */
+static int llmkv__evictable(const llmkv_cache* kv, uint32_t p) {
+    return kv->nodes && kv->nodes[p].ntok && kv->refcount[p] == 1 && kv->nodes[p].pins == 0;
+}
+
+/* Pages a call may take: the free list plus what eviction can free. */
+static uint64_t llmkv__avail(const llmkv_cache* kv) { return (uint64_t)kv->n_free + kv->n_evictable; }
+
+static void llmkv__lru_push(llmkv_cache* kv, uint32_t p) { /* at the most recent end */
+    llmkv__node* n = &kv->nodes[p];
+    n->lru_next = LLMKV__NO_SLOT;
+    n->lru_prev = kv->lru_tail;
+    if (kv->lru_tail == LLMKV__NO_SLOT) kv->lru_head = p;
+    else kv->nodes[kv->lru_tail].lru_next = p;
+    kv->lru_tail = p;
+    kv->n_evictable++;
+}
+
+static void llmkv__lru_remove(llmkv_cache* kv, uint32_t p) {
+    llmkv__node* n = &kv->nodes[p];
+    if (n->lru_prev == LLMKV__NO_SLOT) kv->lru_head = n->lru_next;
+    else kv->nodes[n->lru_prev].lru_next = n->lru_next;
+    if (n->lru_next == LLMKV__NO_SLOT) kv->lru_tail = n->lru_prev;
+    else kv->nodes[n->lru_next].lru_prev = n->lru_prev;
+    kv->n_evictable--;
+}
+
+/* Hash of a node key: parent, namespace and n tokens. Only speed depends
+   on it; every lookup compares the key itself. */
+static uint32_t llmkv__key_hash(uint32_t parent, uint64_t ns, const llmkv_token* t, uint32_t n) {
+    uint64_t h = (ns ^ 0x9e3779b97f4a7c15ull) * 0xff51afd7ed558ccdull ^ ((uint64_t)parent << 32 | n);
+    uint32_t i;
+    for (i = 0; i + 1 < n; i += 2) {
+        h = (h ^ ((uint64_t)(uint32_t)t[i] | (uint64_t)(uint32_t)t[i + 1] << 32)) * 0x9e3779b97f4a7c15ull;
+        h ^= h >> 29;
+    }
+    if (i < n) h = (h ^ (uint32_t)t[i]) * 0x9e3779b97f4a7c15ull;
+    h ^= h >> 32;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    return (uint32_t)(h >> 32);
+}
+
+/* Chain links of table `which` (0 full-key, 1 first-token). */
+static uint32_t* llmkv__chain_next(llmkv__node* n, int which) { return which ? &n->first_next : &n->full_next; }
+static uint32_t* llmkv__chain_prev(llmkv__node* n, int which) { return which ? &n->first_prev : &n->full_prev; }
+static uint32_t* llmkv__bucket(const llmkv_cache* kv, int which, uint32_t hash) {
+    return kv->heads + (size_t)which * (kv->bucket_mask + (size_t)1) + (hash & kv->bucket_mask);
+}
+
+static void llmkv__chain_link(llmkv_cache* kv, uint32_t p, int which, uint32_t hash) {
+    uint32_t* head = llmkv__bucket(kv, which, hash);
+    llmkv__node* n = &kv->nodes[p];
+    *llmkv__chain_prev(n, which) = LLMKV__NO_SLOT;
+    *llmkv__chain_next(n, which) = *head;
+    if (*head != LLMKV__NO_SLOT) *llmkv__chain_prev(&kv->nodes[*head], which) = p;
+    *head = p;
+}
+
+static void llmkv__chain_unlink(llmkv_cache* kv, uint32_t p, int which, uint32_t hash) {
+    llmkv__node* n = &kv->nodes[p];
+    uint32_t next = *llmkv__chain_next(n, which), prev = *llmkv__chain_prev(n, which);
+    if (prev == LLMKV__NO_SLOT) *llmkv__bucket(kv, which, hash) = next;
+    else *llmkv__chain_next(&kv->nodes[prev], which) = next;
+    if (next != LLMKV__NO_SLOT) *llmkv__chain_prev(&kv->nodes[next], which) = prev;
+}
+
+/* The full node with key (parent, ns, tokens t[0, page_size)), or NO_SLOT.
+   A node of another namespace is rejected before its tokens are read. */
+static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t) {
+    uint32_t ps = kv->layout.page_size, h = llmkv__key_hash(parent, ns, t, ps), p;
+    for (p = *llmkv__bucket(kv, 0, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].full_next) {
+        const llmkv__node* n = &kv->nodes[p];
+        if (n->hash_full == h && n->parent == parent && n->ns == ns &&
+            memcmp(kv->tok + (size_t)p * ps, t, (size_t)ps * sizeof(llmkv_token)) == 0)
+            return p;
+    }
+    return LLMKV__NO_SLOT;
+}
+
+/* Among the nodes under (parent, ns) whose first token is t[0], the one
+   sharing the longest prefix with t[0, limit) (ties: lowest page id);
+   *lcp receives that length (0 and NO_SLOT when none). limit >= 1. */
+static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t,
+                                  uint32_t limit, uint32_t* lcp) {
+    uint32_t ps = kv->layout.page_size, h = llmkv__key_hash(parent, ns, t, 1), p, best = LLMKV__NO_SLOT, bl = 0;
+    for (p = *llmkv__bucket(kv, 1, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].first_next) {
+        const llmkv__node* n = &kv->nodes[p];
+        const llmkv_token* nt = kv->tok + (size_t)p * ps;
+        uint32_t m, k;
+        if (n->hash_first != h || n->parent != parent || n->ns != ns || nt[0] != t[0]) continue;
+        m = n->ntok < limit ? n->ntok : limit;
+        for (k = 1; k < m && nt[k] == t[k]; ++k) {}
+        if (k > bl || (k == bl && p < best)) {
+            bl = k;
+            best = p;
+        }
+    }
+    *lcp = bl;
+    return best;
+}
+
+/* Makes page p (held by the caller) a node holding its first ntok tokens. */
+static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uint64_t ns, uint32_t ntok) {
+    llmkv__node* n = &kv->nodes[p];
+    const llmkv_token* t = kv->tok + (size_t)p * kv->layout.page_size;
+    n->parent = parent;
+    n->ns = ns;
+    n->ntok = ntok;
+    n->n_children = 0;
+    n->pins = 0;
+    if (ntok == kv->layout.page_size) {
+        n->hash_full = llmkv__key_hash(parent, ns, t, ntok);
+        llmkv__chain_link(kv, p, 0, n->hash_full);
+    }
+    n->hash_first = llmkv__key_hash(parent, ns, t, 1);
+    llmkv__chain_link(kv, p, 1, n->hash_first);
+    if (parent != LLMKV__NO_SLOT) kv->nodes[parent].n_children++;
+    kv->refcount[p]++; /* the index's reference */
+    kv->n_cached++;
+}
+
+/* Evicts the least recently used evictable page to the free list. Its
+   place in the order makes it a leaf. */
+static void llmkv__evict_one(llmkv_cache* kv) {
+    uint32_t p = kv->lru_head;
+    llmkv__node* n;
+    LLMKV_ASSERT(p != LLMKV__NO_SLOT);
+    n = &kv->nodes[p];
+    LLMKV_ASSERT(n->n_children == 0 && kv->refcount[p] == 1);
+    llmkv__lru_remove(kv, p);
+    if (n->ntok == kv->layout.page_size) llmkv__chain_unlink(kv, p, 0, n->hash_full);
+    llmkv__chain_unlink(kv, p, 1, n->hash_first);
+    if (n->parent != LLMKV__NO_SLOT) kv->nodes[n->parent].n_children--;
+    n->ntok = 0;
+    kv->n_cached--;
+    kv->n_evictions++;
+    kv->refcount[p] = 0;
+    kv->free_pages[kv->n_free++] = p;
+}
+
+/* Takes a page for the caller's exclusive use, evicting one when the free
+   list is empty (the caller checked llmkv__avail). */
 static uint32_t llmkv__page_take(llmkv_cache* kv) {
     uint32_t p;
+    if (kv->n_free == 0) llmkv__evict_one(kv);
     LLMKV_ASSERT(kv->n_free > 0);
     p = kv->free_pages[--kv->n_free];
     LLMKV_ASSERT(kv->refcount[p] == 0);
@@ -1788,9 +2160,19 @@ static uint32_t llmkv__page_take(llmkv_cache* kv) {
     return p;
 }
 
+/* Adds a sequence's reference to page p (a cached page leaves the LRU). */
+static void llmkv__page_hold(llmkv_cache* kv, uint32_t p) {
+    if (llmkv__evictable(kv, p)) llmkv__lru_remove(kv, p);
+    kv->refcount[p]++;
+}
+
+/* Drops a sequence's reference: the page returns to the free list, or,
+   cached and now unheld and unpinned, becomes the most recently used
+   evictable page. */
 static void llmkv__page_release(llmkv_cache* kv, uint32_t p) {
     LLMKV_ASSERT(kv->refcount[p] > 0);
     if (--kv->refcount[p] == 0) kv->free_pages[kv->n_free++] = p;
+    else if (llmkv__evictable(kv, p)) llmkv__lru_push(kv, p);
 }
 
 /* Copies the first n_slots slots of every layer, K and V, from page src to
@@ -1798,6 +2180,9 @@ static void llmkv__page_release(llmkv_cache* kv, uint32_t p) {
    metadata-only caches queue it (the caller checked there is room). */
 static void llmkv__page_copy(llmkv_cache* kv, uint32_t src, uint32_t dst, uint32_t n_slots) {
     const llmkv_layout* l = &kv->layout;
+    if (kv->tok) /* token ids are host metadata in every storage mode */
+        memcpy(kv->tok + (size_t)dst * l->page_size, kv->tok + (size_t)src * l->page_size,
+               (size_t)n_slots * sizeof(llmkv_token));
     if (!kv->pool) {
         llmkv_copy_cmd* c = &kv->copies[(kv->copy_head + kv->copy_count) % kv->copy_cap];
         LLMKV_ASSERT(kv->copy_count < kv->copy_cap);
@@ -1842,16 +2227,19 @@ static uint32_t llmkv__shared_in_range(const llmkv_cache* kv, uint32_t slot, uin
 }
 
 /* Gives the sequence private copies of the shared pages holding positions
-   [from, length). The caller checked that enough pages and queue room
-   exist. */
+   [from, length), last page first (so that cached pages the sequence lets
+   go enter the LRU order below their parents). The caller checked that
+   enough pages and queue room exist. */
 static void llmkv__unshare_range(llmkv_cache* kv, uint32_t slot, uint32_t from, uint32_t length) {
     uint32_t* t = llmkv__table(kv, slot);
     uint32_t ps = kv->layout.page_size, i, end;
+    llmkv__seq* s = &kv->seqs[slot];
     if (from >= length) return;
     end = (length - 1) / ps;
-    for (i = from / ps; i <= end; ++i) {
+    for (i = end + 1; i-- > from / ps;) {
         uint32_t old = t[i], fresh, used;
         if (kv->refcount[old] <= 1) continue;
+        if (s->n_pub > i) s->n_pub = i;
         fresh = llmkv__page_take(kv);
         used = length - i * ps < ps ? length - i * ps : ps;
         llmkv__page_copy(kv, old, fresh, used);
@@ -2040,6 +2428,93 @@ static void llmkv__put_channel(llmkv_cache* kv, uint32_t slot, uint32_t layer, u
     }
 }
 
+/* --- Prefix index: publishing and matching ----------------------------- */
+
+/* The sequence slot's written watermarks: [layer][K, V]. */
+static uint32_t* llmkv__written(const llmkv_cache* kv, uint32_t slot) {
+    return kv->written + (size_t)slot * kv->layout.n_layers * 2;
+}
+
+/* Positions below which every layer's K and V are written. */
+static uint32_t llmkv__written_end(const llmkv_cache* kv, uint32_t slot) {
+    const uint32_t* w = llmkv__written(kv, slot);
+    uint32_t i, end = kv->seqs[slot].length;
+    for (i = 0; i < kv->layout.n_layers * 2; ++i)
+        if (w[i] < end) end = w[i];
+    return end;
+}
+
+static int llmkv__tokens_known(const llmkv_token* t, uint32_t n) {
+    uint32_t i;
+    for (i = 0; i < n; ++i)
+        if (t[i] < 0) return 0;
+    return 1;
+}
+
+/* Publishes the sequence's full written pages past n_pub (and, with
+   `partial`, its written partial last page): each becomes a node, or is
+   swapped for the cached page that already holds the same key. Needs no
+   page and cannot fail. */
+static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
+    llmkv__seq* s = &kv->seqs[slot];
+    uint32_t* t = llmkv__table(kv, slot);
+    uint32_t ps = kv->layout.page_size, end = llmkv__written_end(kv, slot), k = s->n_pub;
+    while ((uint64_t)(k + 1) * ps <= end) {
+        uint32_t p = t[k], parent = k ? t[k - 1] : LLMKV__NO_SLOT, n;
+        const llmkv_token* pt = kv->tok + (size_t)p * ps;
+        if (kv->nodes[p].ntok == 0) {
+            if (!llmkv__tokens_known(pt, ps)) break;
+            n = llmkv__find_full(kv, parent, s->ns, pt);
+            /* A page other sequences share is swapped only by them all:
+               swapping it for one would leave the others holding pages
+               published under a parent they do not hold. */
+            if (n != LLMKV__NO_SLOT && kv->refcount[p] > 1) break;
+            if (n == LLMKV__NO_SLOT) {
+                llmkv__node_insert(kv, p, parent, s->ns, ps);
+            } else { /* the same tokens are cached: share that page */
+                llmkv__page_hold(kv, n);
+                t[k] = n;
+                llmkv__page_release(kv, p);
+                s->epoch = ++kv->epoch;
+            }
+        }
+        ++k;
+    }
+    s->n_pub = k;
+    if (partial && !kv->kfill && k + 1 == s->n_pages && s->length % ps && end >= s->length) {
+        uint32_t p = t[k], ntok = s->length - k * ps, lcp;
+        const llmkv_token* pt = kv->tok + (size_t)p * ps;
+        uint32_t parent = k ? t[k - 1] : LLMKV__NO_SLOT;
+        /* Only a page no other sequence holds: a fork may hold more of it. */
+        if (kv->nodes[p].ntok == 0 && kv->refcount[p] == 1 && llmkv__tokens_known(pt, ntok)) {
+            llmkv__best_child(kv, parent, s->ns, pt, ntok, &lcp);
+            if (lcp < ntok) llmkv__node_insert(kv, p, parent, s->ns, ntok);
+        }
+    }
+}
+
+/* Longest cached prefix of t[0, limit) in namespace ns: *n_full full pages
+   (their ids into path[] when path is not NULL; *deepest the last, or
+   NO_SLOT), then *cand, the node sharing *lcp more tokens (NO_SLOT, 0 when
+   none). Returns the match length. Reads only. */
+static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t limit, uint32_t* path,
+                            uint32_t* n_full, uint32_t* deepest, uint32_t* cand, uint32_t* lcp) {
+    uint32_t ps = kv->layout.page_size, node = LLMKV__NO_SLOT, d = 0, c = LLMKV__NO_SLOT, l = 0;
+    while ((uint64_t)(d + 1) * ps <= limit) {
+        uint32_t p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps);
+        if (p == LLMKV__NO_SLOT) break;
+        if (path) path[d] = p;
+        node = p;
+        ++d;
+    }
+    if ((uint64_t)d * ps < limit) c = llmkv__best_child(kv, node, ns, t + (size_t)d * ps, limit - d * ps, &l);
+    *n_full = d;
+    *deepest = node;
+    *cand = l ? c : LLMKV__NO_SLOT;
+    *lcp = l;
+    return d * ps + l;
+}
+
 LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     uint32_t slot;
     llmkv__seq* s;
@@ -2053,6 +2528,8 @@ LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     s->live = 1;
     s->length = 0;
     s->n_pages = 0;
+    s->n_pub = 0;
+    s->ns = 0;
     s->epoch = ++cache->epoch;
     s->next_free = LLMKV__NO_SLOT;
     cache->n_live++;
@@ -2066,6 +2543,9 @@ static void llmkv__slot_release(llmkv_cache* kv, uint32_t slot) {
     s->live = 0;
     s->length = 0;
     s->n_pages = 0;
+    s->n_pub = 0;
+    s->ns = 0;
+    if (kv->written) memset(llmkv__written(kv, slot), 0, (size_t)kv->layout.n_layers * 2 * 4);
     if (kv->kfill) {
         uint32_t l;
         for (l = 0; l < kv->layout.n_layers; ++l) kv->kfill[(size_t)slot * kv->layout.n_layers + l] = LLMKV__NO_SLOT;
@@ -2085,8 +2565,9 @@ LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
     s = llmkv__lookup(cache, seq, &slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (cache->nodes) llmkv__publish(cache, slot, 0);
     t = llmkv__table(cache, slot);
-    for (i = 0; i < s->n_pages; ++i) llmkv__page_release(cache, t[i]);
+    for (i = s->n_pages; i-- > 0;) llmkv__page_release(cache, t[i]); /* deepest first: see LRU order */
     llmkv__slot_release(cache, slot);
     return LLMKV_OK;
 }
@@ -2124,10 +2605,11 @@ static uint32_t llmkv__shared_tail(const llmkv_cache* kv, uint32_t slot, const l
     return kv->refcount[p] > 1 ? p : LLMKV__NO_SLOT;
 }
 
-LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
-                                          uint32_t n_seqs) {
+/* reserve_many with optional token ids (tokens NULL: all unknown). */
+static llmkv_result llmkv__reserve(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
+                                   const llmkv_token* const* tokens, uint32_t n_seqs) {
     uint64_t pages_needed = 0, copies_needed = 0;
-    uint32_t i, mark, ps, slot = 0;
+    uint32_t i, j, mark, ps, slot = 0;
     if (!cache || (n_seqs && (!seqs || !n_tokens))) return LLMKV_ERR_INVALID_ARGUMENT;
     ps = cache->layout.page_size;
     mark = ++cache->mark;
@@ -2142,6 +2624,9 @@ LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* s
         if (s->mark == mark) return LLMKV_ERR_INVALID_ARGUMENT; /* listed twice */
         s->mark = mark;
         if (n_tokens[i] > cache->desc.max_seq_len - s->length) return LLMKV_ERR_SEQUENCE_TOO_LONG;
+        if (tokens && tokens[i])
+            for (j = 0; j < n_tokens[i]; ++j)
+                if (tokens[i][j] < 0) return LLMKV_ERR_INVALID_ARGUMENT;
     }
     /* Count pages. A shared tail page with w writers among r references
        needs min(w, r - 1) copies: the last writer left holds it alone.
@@ -2162,9 +2647,14 @@ LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* s
         cache->scratch[p] = 0;
     }
     pages_needed += copies_needed;
-    if (pages_needed > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
+    if (pages_needed > llmkv__avail(cache)) return LLMKV_ERR_OUT_OF_PAGES;
     if (!cache->pool && copies_needed > cache->copy_cap - cache->copy_count) return LLMKV_ERR_COPY_QUEUE_FULL;
-    /* Apply: nothing below can fail. */
+    /* Apply: nothing below can fail. Publishing first (full pages only: it
+       neither needs pages nor makes a written tail page shared). */
+    for (i = 0; i < n_seqs && cache->nodes; ++i) {
+        llmkv__lookup(cache, seqs[i], &slot);
+        llmkv__publish(cache, slot, 0);
+    }
     for (i = 0; i < n_seqs; ++i) {
         uint32_t new_len, new_pages;
         uint32_t* t;
@@ -2175,14 +2665,36 @@ LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* s
         new_len = s->length + n_tokens[i];
         new_pages = llmkv__div_up(new_len, ps);
         while (s->n_pages < new_pages) t[s->n_pages++] = llmkv__page_take(cache);
+        if (cache->tok)
+            for (j = s->length; j < new_len; ++j)
+                cache->tok[(size_t)t[j / ps] * ps + j % ps] =
+                    tokens && tokens[i] ? tokens[i][j - s->length] : (llmkv_token)-1;
         s->length = new_len;
         s->epoch = ++cache->epoch;
     }
     return LLMKV_OK;
 }
 
+LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
+                                          uint32_t n_seqs) {
+    return llmkv__reserve(cache, seqs, n_tokens, NULL, n_seqs);
+}
+
 LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    return llmkv_reserve_many(cache, &seq, &n_tokens, 1);
+    return llmkv__reserve(cache, &seq, &n_tokens, NULL, 1);
+}
+
+LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
+                                                 const uint32_t* n_tokens, const llmkv_token* const* tokens,
+                                                 uint32_t n_seqs) {
+    if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    return llmkv__reserve(cache, seqs, n_tokens, tokens, n_seqs);
+}
+
+LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
+                                            uint32_t n_tokens) {
+    if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    return llmkv__reserve(cache, &seq, &n_tokens, &tokens, 1);
 }
 
 /* The type gather writes for a part stored as `stored` when asked for
@@ -2232,7 +2744,7 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     shared = llmkv__shared_in_range(cache, slot, first, s->length) +
              (stale != LLMKV__NO_SLOT ? llmkv__shared_in_range(cache, slot, stale, stale + l->page_size) : 0);
     if (shared) {
-        if (shared > cache->n_free) return LLMKV_ERR_OUT_OF_PAGES;
+        if (shared > llmkv__avail(cache)) return LLMKV_ERR_OUT_OF_PAGES;
         llmkv__unshare_range(cache, slot, first, s->length);
         if (stale != LLMKV__NO_SLOT) llmkv__unshare_range(cache, slot, stale, stale + l->page_size);
         s->epoch = ++cache->epoch;
@@ -2270,6 +2782,11 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
                 }
             }
         }
+    }
+    if (cache->written) { /* the prefix index publishes only written positions */
+        uint32_t* w = llmkv__written(cache, slot) + (size_t)layer * 2;
+        if (k && first <= w[0]) w[0] = s->length;
+        if (v && first <= w[1]) w[1] = s->length;
     }
     return LLMKV_OK;
 }
@@ -2368,6 +2885,11 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     for (i = 0; i < s->n_pages; ++i) cache->refcount[st[i]]++;
     d->length = s->length;
     d->n_pages = s->n_pages;
+    d->n_pub = s->n_pub;
+    d->ns = s->ns;
+    if (cache->written)
+        memcpy(llmkv__written(cache, dst_slot), llmkv__written(cache, src_slot),
+               (size_t)cache->layout.n_layers * 2 * 4);
     if (cache->kfill) { /* Q4C: the staged keys are the sequence's own */
         uint32_t l, L = cache->layout.n_layers;
         for (l = 0; l < L; ++l) {
@@ -2397,6 +2919,12 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
     t = llmkv__table(cache, slot);
     keep = llmkv__div_up(n_tokens, cache->layout.page_size);
     while (s->n_pages > keep) llmkv__page_release(cache, t[--s->n_pages]);
+    if (s->n_pub > n_tokens / cache->layout.page_size) s->n_pub = n_tokens / cache->layout.page_size;
+    if (cache->written) {
+        uint32_t* w = llmkv__written(cache, slot);
+        for (keep = 0; keep < cache->layout.n_layers * 2; ++keep)
+            if (w[keep] > n_tokens) w[keep] = n_tokens;
+    }
     if (cache->kfill) { /* Q4C: a staged page that starts past the end is gone; a
                              full page that becomes the last is staged */
         uint32_t l, L = cache->layout.n_layers, ps = cache->layout.page_size;
@@ -2408,6 +2936,177 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
     }
     s->length = n_tokens;
     s->epoch = ++cache->epoch;
+    return LLMKV_OK;
+}
+
+/* --- Prefix index: public calls ---------------------------------------- */
+
+static int llmkv__tokens_valid(const llmkv_token* t, uint32_t n) {
+    uint32_t i;
+    if (n && !t) return 0;
+    for (i = 0; i < n; ++i)
+        if (t[i] < 0) return 0;
+    return 1;
+}
+
+LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq, uint32_t pos, uint32_t n_tokens,
+                                        llmkv_token* out) {
+    const llmkv__seq* s;
+    const uint32_t* t;
+    uint32_t slot, i, ps;
+    if (!cache || (n_tokens && !out)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->tok) return LLMKV_ERR_UNSUPPORTED;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (pos > s->length || n_tokens > s->length - pos) return LLMKV_ERR_OUT_OF_RANGE;
+    t = llmkv__table(cache, slot);
+    ps = cache->layout.page_size;
+    for (i = 0; i < n_tokens; ++i) out[i] = cache->tok[(size_t)t[(pos + i) / ps] * ps + (pos + i) % ps];
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
+                                               uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
+    uint32_t slot, d = 0, node, cand = LLMKV__NO_SLOT, lcp = 0, matched = 0, k;
+    llmkv__seq* s;
+    uint32_t* t;
+    if (out) out->id = 0;
+    if (n_cached) *n_cached = 0;
+    if (!cache || !out || !n_cached || !llmkv__tokens_valid(prompt, n_prompt)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    if (n_prompt > cache->desc.max_seq_len) return LLMKV_ERR_SEQUENCE_TOO_LONG;
+    if (cache->free_head == LLMKV__NO_SLOT) return LLMKV_ERR_TOO_MANY_SEQUENCES;
+    /* The walk writes the path straight into the row of the slot that
+       llmkv_seq_create takes next (an unused row until then). */
+    slot = cache->free_head;
+    t = llmkv__table(cache, slot);
+    if (n_prompt) matched = llmkv__prefix_walk(cache, ns, prompt, n_prompt - 1, t, &d, &node, &cand, &lcp);
+    llmkv_seq_create(cache, out); /* cannot fail: a slot is free */
+    s = &cache->seqs[slot];
+    s->ns = ns;
+    for (k = 0; k < d; ++k) llmkv__page_hold(cache, t[k]);
+    if (cand != LLMKV__NO_SLOT) {
+        t[d] = cand;
+        llmkv__page_hold(cache, cand);
+    }
+    s->length = matched;
+    s->n_pages = d + (cand != LLMKV__NO_SLOT);
+    s->n_pub = d;
+    for (k = 0; k < cache->layout.n_layers * 2; ++k) llmkv__written(cache, slot)[k] = matched;
+    if (cache->kfill && lcp) /* Q4C: the partly used page's keys go to the staging */
+        for (k = 0; k < cache->layout.n_layers; ++k) llmkv__channel_stage(cache, slot, k, d, lcp);
+    cache->tokens_matched += matched;
+    cache->tokens_missed += n_prompt - matched;
+    *n_cached = matched;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                          uint32_t n_tokens, uint32_t* n_matched) {
+    uint32_t d, node, cand, lcp;
+    if (n_matched) *n_matched = 0;
+    if (!cache || !n_matched || !llmkv__tokens_valid(tokens, n_tokens)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    if (n_tokens) *n_matched = llmkv__prefix_walk(cache, ns, tokens, n_tokens, NULL, &d, &node, &cand, &lcp);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int partial) {
+    uint32_t slot;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    if (!llmkv__lookup(cache, seq, &slot)) return LLMKV_ERR_STALE_HANDLE;
+    llmkv__publish(cache, slot, partial);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    const llmkv__seq* s;
+    uint32_t slot, i, *w;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (!cache->written) return LLMKV_OK; /* nothing to record without a prefix index */
+    if (n_tokens > s->length) n_tokens = s->length;
+    w = llmkv__written(cache, slot);
+    for (i = 0; i < cache->layout.n_layers * 2; ++i)
+        if (w[i] < n_tokens) w[i] = n_tokens;
+    return LLMKV_OK;
+}
+
+static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
+    uint32_t slot = h.id & (((uint32_t)1 << kv->pin_bits) - 1), gen = h.id >> kv->pin_bits;
+    llmkv__pin* p;
+    if (slot >= kv->desc.max_pins) return NULL;
+    p = &kv->pins[slot];
+    return p->live && p->gen == gen ? p : NULL;
+}
+
+LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                        uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
+    uint32_t d = 0, node = LLMKV__NO_SLOT, cand = LLMKV__NO_SLOT, lcp = 0, slot, p, pinned;
+    llmkv__pin* rec;
+    if (out) out->id = 0;
+    if (n_pinned) *n_pinned = 0;
+    if (!cache || !out || !llmkv__tokens_valid(tokens, n_tokens)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    if (cache->pin_free == LLMKV__NO_SLOT) return LLMKV_ERR_TOO_MANY_PINS;
+    if (n_tokens) llmkv__prefix_walk(cache, ns, tokens, n_tokens, NULL, &d, &node, &cand, &lcp);
+    pinned = d * cache->layout.page_size;
+    if (cand != LLMKV__NO_SLOT && lcp == cache->nodes[cand].ntok) { /* a partial node, wholly matched */
+        node = cand;
+        pinned += lcp;
+    }
+    for (p = node; p != LLMKV__NO_SLOT; p = cache->nodes[p].parent) {
+        llmkv__node* n = &cache->nodes[p];
+        if (llmkv__evictable(cache, p)) llmkv__lru_remove(cache, p);
+        if (n->pins++ == 0) cache->n_pinned_pages++;
+    }
+    slot = cache->pin_free;
+    rec = &cache->pins[slot];
+    cache->pin_free = rec->next_free;
+    rec->live = 1;
+    rec->node = node;
+    rec->next_free = LLMKV__NO_SLOT;
+    cache->n_pins++;
+    out->id = rec->gen << cache->pin_bits | slot;
+    if (n_pinned) *n_pinned = pinned;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin) {
+    llmkv__pin* rec;
+    uint32_t p;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    rec = llmkv__pin_lookup(cache, pin);
+    if (!rec) return LLMKV_ERR_STALE_HANDLE;
+    for (p = rec->node; p != LLMKV__NO_SLOT; p = cache->nodes[p].parent) { /* deepest first */
+        llmkv__node* n = &cache->nodes[p];
+        if (--n->pins == 0) {
+            cache->n_pinned_pages--;
+            if (llmkv__evictable(cache, p)) llmkv__lru_push(cache, p);
+        }
+    }
+    rec->live = 0;
+    rec->node = LLMKV__NO_SLOT;
+    rec->gen = rec->gen >= cache->pin_gen_max ? 1 : rec->gen + 1;
+    rec->next_free = cache->pin_free;
+    cache->pin_free = (uint32_t)(rec - cache->pins);
+    cache->n_pins--;
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
+    uint32_t n = 0;
+    if (n_evicted) *n_evicted = 0;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    while (n < max_pages && cache->n_evictable) {
+        llmkv__evict_one(cache);
+        ++n;
+    }
+    if (n_evicted) *n_evicted = n;
     return LLMKV_OK;
 }
 
@@ -2603,15 +3302,27 @@ LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
     ps = cache->layout.page_size;
     out->n_pages_total = cache->n_pages;
     out->n_pages_free = cache->n_free;
-    out->n_pages_used = cache->n_pages - cache->n_free;
     out->n_seqs = cache->n_live;
     out->n_pending_copies = cache->copy_count;
     out->page_bytes = cache->layout.page_bytes;
     out->pool_bytes = cache->layout.page_bytes * cache->n_pages;
-    out->used_bytes = cache->layout.page_bytes * out->n_pages_used;
     out->metadata_bytes = cache->meta_bytes;
     out->staging_bytes = cache->stage ? cache->desc.max_seqs * llmkv__stage_slot_elems(&cache->layout) * 2 : 0;
-    for (i = 0; i < cache->n_pages; ++i) out->n_pages_shared += cache->refcount[i] > 1;
+    for (i = 0; i < cache->n_pages; ++i) { /* references held by sequences */
+        uint32_t held = cache->refcount[i] - (cache->nodes && cache->nodes[i].ntok ? 1u : 0u);
+        out->n_pages_used += held > 0;
+        out->n_pages_shared += held > 1;
+    }
+    out->used_bytes = cache->layout.page_bytes * out->n_pages_used;
+    out->n_pages_cached = cache->n_cached;
+    out->n_pages_evictable = cache->n_evictable;
+    out->n_pages_pinned = cache->n_pinned_pages;
+    out->n_pins = cache->n_pins;
+    out->n_evictions = cache->n_evictions;
+    out->prompt_tokens_matched = cache->tokens_matched;
+    out->prompt_tokens_missed = cache->tokens_missed;
+    if (cache->tokens_matched + cache->tokens_missed)
+        out->hit_rate = (double)cache->tokens_matched / (double)(cache->tokens_matched + cache->tokens_missed);
     /* scratch[p] = the most slots any sequence uses in page p. */
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
     for (i = 0; i < cache->desc.max_seqs; ++i) {
@@ -2710,6 +3421,162 @@ static llmkv_result llmkv__corrupt(char* msg, size_t size, const char* fmt, ...)
     return LLMKV_ERR_CORRUPT;
 }
 
+/* The prefix index against its own redundancy: node keys and hash chains,
+   child counts, the LRU list (exactly the evictable pages, each below its
+   parent in the order), pin counts, and each sequence's published path.
+   scratch[] is all zero on entry and on return. */
+static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size) {
+    uint32_t ps = kv->layout.page_size, n = kv->n_pages, p, j, which, cached = 0, full = 0, pinned = 0, count;
+    llmkv_result r = LLMKV_OK;
+    for (p = 0; p < n; ++p) { /* nodes; children counted in scratch */
+        const llmkv__node* d = &kv->nodes[p];
+        const llmkv_token* t = kv->tok + (size_t)p * ps;
+        if (!d->ntok) continue;
+        cached++;
+        pinned += d->pins > 0;
+        if (d->ntok > ps || !llmkv__tokens_known(t, d->ntok)) {
+            r = llmkv__corrupt(msg, size, "node %u: %u tokens, or an unknown one", p, d->ntok);
+            goto done;
+        }
+        if (d->parent != LLMKV__NO_SLOT) {
+            if (d->parent >= n || kv->nodes[d->parent].ntok != ps || kv->nodes[d->parent].ns != d->ns) {
+                r = llmkv__corrupt(msg, size, "node %u: parent %u is not a full node of its namespace", p, d->parent);
+                goto done;
+            }
+            kv->scratch[d->parent]++;
+        }
+        if (d->hash_first != llmkv__key_hash(d->parent, d->ns, t, 1) ||
+            (d->ntok == ps && (d->hash_full != llmkv__key_hash(d->parent, d->ns, t, ps) ||
+                               llmkv__find_full(kv, d->parent, d->ns, t) != p))) {
+            r = llmkv__corrupt(msg, size, "node %u: not found under its key", p);
+            goto done;
+        }
+        full += d->ntok == ps;
+    }
+    if (cached != kv->n_cached || pinned != kv->n_pinned_pages) {
+        r = llmkv__corrupt(msg, size, "%u nodes (%u pinned) but the counts say %u (%u)", cached, pinned, kv->n_cached,
+                           kv->n_pinned_pages);
+        goto done;
+    }
+    for (p = 0; p < n; ++p)
+        if (kv->scratch[p] != (kv->nodes[p].ntok ? kv->nodes[p].n_children : 0)) {
+            r = llmkv__corrupt(msg, size, "node %u: %u children, counted %u", p, kv->scratch[p], kv->nodes[p].n_children);
+            goto done;
+        }
+    memset(kv->scratch, 0, (size_t)n * 4);
+    for (which = 0; which < 2; ++which) { /* hash chains */
+        uint64_t b, nb = (uint64_t)kv->bucket_mask + 1, total = 0;
+        for (b = 0; b < nb; ++b) {
+            uint32_t prev = LLMKV__NO_SLOT;
+            for (p = kv->heads[which * nb + b]; p != LLMKV__NO_SLOT; p = *llmkv__chain_next(&kv->nodes[p], (int)which)) {
+                llmkv__node* d;
+                if (p >= n || ++total > n) {
+                    r = llmkv__corrupt(msg, size, "hash chain %u/%llu is broken", which, (unsigned long long)b);
+                    goto done;
+                }
+                d = &kv->nodes[p];
+                if (!d->ntok || (which == 0 && d->ntok != ps) || ((which ? d->hash_first : d->hash_full) & kv->bucket_mask) != b ||
+                    *llmkv__chain_prev(d, (int)which) != prev) {
+                    r = llmkv__corrupt(msg, size, "hash chain %u/%llu: page %u misplaced", which, (unsigned long long)b, p);
+                    goto done;
+                }
+                prev = p;
+            }
+        }
+        if (total != (which ? cached : full)) {
+            r = llmkv__corrupt(msg, size, "hash table %u holds %llu nodes of %u", which, (unsigned long long)total,
+                               which ? cached : full);
+            goto done;
+        }
+    }
+    count = 0; /* LRU: scratch[p] = position from the oldest, 1-based */
+    for (p = kv->lru_head, j = LLMKV__NO_SLOT; p != LLMKV__NO_SLOT; j = p, p = kv->nodes[p].lru_next) {
+        if (p >= n || count >= n || kv->scratch[p] || !llmkv__evictable(kv, p) || kv->nodes[p].lru_prev != j) {
+            r = llmkv__corrupt(msg, size, "LRU list is broken at page %u", p);
+            goto done;
+        }
+        kv->scratch[p] = ++count;
+    }
+    if (count != kv->n_evictable || j != kv->lru_tail) {
+        r = llmkv__corrupt(msg, size, "LRU list holds %u pages, count says %u", count, kv->n_evictable);
+        goto done;
+    }
+    for (p = 0; p < n; ++p) {
+        uint32_t q = kv->nodes[p].parent;
+        int ev = llmkv__evictable(kv, p);
+        if (!kv->nodes[p].ntok) continue;
+        if (ev != (kv->scratch[p] != 0)) {
+            r = llmkv__corrupt(msg, size, "page %u: evictable %d but LRU membership %d", p, ev, kv->scratch[p] != 0);
+            goto done;
+        }
+        if (q != LLMKV__NO_SLOT && llmkv__evictable(kv, q) && (!ev || kv->scratch[q] < kv->scratch[p])) {
+            r = llmkv__corrupt(msg, size, "page %u: its evictable parent %u would be evicted first", p, q);
+            goto done;
+        }
+    }
+    memset(kv->scratch, 0, (size_t)n * 4);
+    count = 0; /* pins: recount along each pin's path */
+    for (j = 0; j < kv->desc.max_pins; ++j) {
+        const llmkv__pin* pr = &kv->pins[j];
+        uint32_t depth = 0;
+        if (!pr->live) continue;
+        count++;
+        for (p = pr->node; p != LLMKV__NO_SLOT; p = kv->nodes[p].parent) {
+            if (p >= n || !kv->nodes[p].ntok || ++depth > n) {
+                r = llmkv__corrupt(msg, size, "pin %u: path through page %u is not in the index", j, p);
+                goto done;
+            }
+            kv->scratch[p]++;
+        }
+    }
+    if (count != kv->n_pins) {
+        r = llmkv__corrupt(msg, size, "%u live pins, count says %u", count, kv->n_pins);
+        goto done;
+    }
+    for (p = 0; p < n; ++p)
+        if (kv->scratch[p] != kv->nodes[p].pins) {
+            r = llmkv__corrupt(msg, size, "page %u: pin count %u, pins over it %u", p, kv->nodes[p].pins, kv->scratch[p]);
+            goto done;
+        }
+    for (p = kv->pin_free, count = 0; p != LLMKV__NO_SLOT; p = kv->pins[p].next_free)
+        if (p >= kv->desc.max_pins || kv->pins[p].live || ++count > kv->desc.max_pins) {
+            r = llmkv__corrupt(msg, size, "free-pin list is broken at %u", p);
+            goto done;
+        }
+    if (count + kv->n_pins != kv->desc.max_pins) {
+        r = llmkv__corrupt(msg, size, "%u free + %u live pins != max_pins", count, kv->n_pins);
+        goto done;
+    }
+    for (j = 0; j < kv->desc.max_seqs; ++j) { /* each sequence's published path */
+        const llmkv__seq* s = &kv->seqs[j];
+        const uint32_t* t = llmkv__table(kv, j);
+        const uint32_t* w = llmkv__written(kv, j);
+        uint32_t k, gap;
+        if (!s->live) continue;
+        if ((uint64_t)s->n_pub * ps > s->length) {
+            r = llmkv__corrupt(msg, size, "slot %u: %u published pages of %u positions", j, s->n_pub, s->length);
+            goto done;
+        }
+        for (k = 0, gap = 0; k < s->n_pages; ++k) { /* nodes: a prefix of the table, along one path */
+            const llmkv__node* d = &kv->nodes[t[k]];
+            int on_path = d->ntok && d->ns == s->ns && d->parent == (k ? t[k - 1] : LLMKV__NO_SLOT);
+            if ((k < s->n_pub && (!on_path || d->ntok != ps)) || (d->ntok && (!on_path || gap))) {
+                r = llmkv__corrupt(msg, size, "slot %u: page %u (id %u) breaks its published path", j, k, t[k]);
+                goto done;
+            }
+            gap |= !d->ntok;
+        }
+        for (k = 0; k < kv->layout.n_layers * 2; ++k)
+            if (w[k] > s->length) {
+                r = llmkv__corrupt(msg, size, "slot %u: written mark %u past its length %u", j, w[k], s->length);
+                goto done;
+            }
+    }
+done:
+    memset(kv->scratch, 0, (size_t)n * 4);
+    return r;
+}
+
 static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t message_size) {
     uint32_t i, j, ps, live = 0, free_slots = 0, slot;
     ps = cache->layout.page_size;
@@ -2750,6 +3617,7 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
     }
     if (live != cache->n_live)
         return llmkv__corrupt(message, message_size, "%u live slots but n_live %u", live, cache->n_live);
+    for (i = 0; cache->nodes && i < cache->n_pages; ++i) cache->scratch[i] += cache->nodes[i].ntok != 0; /* the index's reference */
     for (i = 0; i < cache->n_pages; ++i)
         if (cache->scratch[i] != cache->refcount[i])
             return llmkv__corrupt(message, message_size, "page %u: refcount %u but %u page-table references", i,
@@ -2787,6 +3655,10 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
         const llmkv_copy_cmd* c = &cache->copies[(cache->copy_head + i) % cache->copy_cap];
         if (c->src_page >= cache->n_pages || c->dst_page >= cache->n_pages || c->n_slots == 0 || c->n_slots > ps)
             return llmkv__corrupt(message, message_size, "copy command %u is out of range", i);
+    }
+    if (cache->nodes) {
+        memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
+        return llmkv__check_prefix(cache, message, message_size);
     }
     return LLMKV_OK;
 }
