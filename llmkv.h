@@ -688,9 +688,9 @@ LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_inf
 
 typedef struct llmkv_stats {
     uint32_t n_pages_total;
-    uint32_t n_pages_free;
-    uint32_t n_pages_used;      /* referenced by at least one sequence */
-    uint32_t n_pages_shared;    /* referenced more than once */
+    uint32_t n_pages_free;      /* on the free list (evictable pages not included) */
+    uint32_t n_pages_used;      /* held by at least one sequence */
+    uint32_t n_pages_shared;    /* held by more than one sequence */
     uint32_t n_seqs;            /* live sequences */
     uint32_t n_pending_copies;  /* metadata-only: queued copy commands */
     uint64_t page_bytes;
