@@ -1642,7 +1642,7 @@ struct llmkv_cache {
     llmkv_token* tok;           /* [n_pages * page_size] token id of every slot, -1 unknown */
     llmkv__node* nodes;         /* [n_pages] */
     uint32_t* heads;            /* [2 * n_buckets]: full-key chains, then first-token chains */
-    uint32_t bucket_mask;       /* n_buckets - 1 (a power of two >= n_pages) */
+    uint32_t n_buckets;         /* per table: n_pages (memory stays affine in n_pages) */
     uint32_t* written;          /* [max_seqs][n_layers][2]: K, V written below this position */
     llmkv__pin* pins;           /* [max_pins] */
     uint32_t pin_free, pin_bits, pin_gen_max, n_pins;
@@ -1666,13 +1666,6 @@ static uint64_t llmkv__stage_slot_elems(const llmkv_layout* l) { return l->n_lay
 static uint32_t llmkv__cpu_detect(void);
 static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths);
 
-/* Hash buckets of the prefix index: a power of two >= n_pages. */
-static uint64_t llmkv__buckets(uint64_t n_pages) {
-    uint64_t b = 1;
-    while (b < n_pages) b <<= 1;
-    return b;
-}
-
 /* Footprint of the metadata block and of the pages for `d` (capacity
    resolved). Returns 0 when the sizes do not fit the address space. */
 static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t* meta, uint64_t* pages) {
@@ -1691,7 +1684,7 @@ static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t
     if (d->prefix_index) {
         llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
         llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
-        llmkv__carve(&c, (uint64_t)llmkv__buckets(d->n_pages) * 2 * 4);
+        llmkv__carve(&c, (uint64_t)d->n_pages * 2 * 4); /* hash buckets: n_pages per table */
         llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
         llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
     }
@@ -1759,13 +1752,13 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
                                            llmkv__align_up(l->page_bytes * d->n_pages, LLMKV__ALIGN));
     }
     if (d->prefix_index) {
-        uint64_t nb = llmkv__buckets(d->n_pages), e;
+        uint64_t nb = d->n_pages, e;
         kv->tok = (llmkv_token*)llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
         kv->nodes = (llmkv__node*)llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
         kv->heads = (uint32_t*)llmkv__carve(&c, nb * 2 * 4);
         kv->written = (uint32_t*)llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
         kv->pins = (llmkv__pin*)llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
-        kv->bucket_mask = (uint32_t)(nb - 1);
+        kv->n_buckets = d->n_pages;
         for (e = 0; e < (uint64_t)d->n_pages * d->page_size; ++e) kv->tok[e] = -1;
         memset(kv->nodes, 0, (size_t)d->n_pages * sizeof(llmkv__node));
         for (e = 0; e < nb * 2; ++e) kv->heads[e] = LLMKV__NO_SLOT;
@@ -2054,7 +2047,8 @@ static uint32_t llmkv__key_hash(uint32_t parent, uint64_t ns, const llmkv_token*
 static uint32_t* llmkv__chain_next(llmkv__node* n, int which) { return which ? &n->first_next : &n->full_next; }
 static uint32_t* llmkv__chain_prev(llmkv__node* n, int which) { return which ? &n->first_prev : &n->full_prev; }
 static uint32_t* llmkv__bucket(const llmkv_cache* kv, int which, uint32_t hash) {
-    return kv->heads + (size_t)which * (kv->bucket_mask + (size_t)1) + (hash & kv->bucket_mask);
+    /* hash * n / 2^32: a bucket in [0, n) from the hash's high bits, no division */
+    return kv->heads + (size_t)which * kv->n_buckets + (size_t)(((uint64_t)hash * kv->n_buckets) >> 32);
 }
 
 static void llmkv__chain_link(llmkv_cache* kv, uint32_t p, int which, uint32_t hash) {
@@ -3465,7 +3459,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         }
     memset(kv->scratch, 0, (size_t)n * 4);
     for (which = 0; which < 2; ++which) { /* hash chains */
-        uint64_t b, nb = (uint64_t)kv->bucket_mask + 1, total = 0;
+        uint64_t b, nb = kv->n_buckets, total = 0;
         for (b = 0; b < nb; ++b) {
             uint32_t prev = LLMKV__NO_SLOT;
             for (p = kv->heads[which * nb + b]; p != LLMKV__NO_SLOT; p = *llmkv__chain_next(&kv->nodes[p], (int)which)) {
@@ -3475,7 +3469,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
                     goto done;
                 }
                 d = &kv->nodes[p];
-                if (!d->ntok || (which == 0 && d->ntok != ps) || ((which ? d->hash_first : d->hash_full) & kv->bucket_mask) != b ||
+                if (!d->ntok || (which == 0 && d->ntok != ps) || llmkv__bucket(kv, (int)which, which ? d->hash_first : d->hash_full) != kv->heads + which * nb + b ||
                     *llmkv__chain_prev(d, (int)which) != prev) {
                     r = llmkv__corrupt(msg, size, "hash chain %u/%llu: page %u misplaced", which, (unsigned long long)b, p);
                     goto done;
