@@ -322,6 +322,10 @@ static void test_fault_cache_create_oom(tst* t) {
     TST_EQ(t, llmkv_layout_for(&d, &l), LLMKV_OK);
     d.capacity_bytes = 16 * l.page_bytes + l.page_bytes / 2; /* rounds down to 16 pages */
     f_create_every_k(t, d, "cache sized by capacity_bytes");
+    d = f_desc(16, LLMKV_STORAGE_DEFAULT);
+    d.prefix_index = 1;
+    d.max_pins = 3;
+    f_create_every_k(t, d, "host cache with a prefix index");
 }
 
 /* The k-th allocation after the cache exists fails inside batch_create. */
@@ -379,10 +383,12 @@ static void test_fault_batch_create_oom(tst* t) {
 /* ------------------------------------------------------------------------ */
 
 static void test_fault_create_in(tst* t) {
-    int meta;
-    for (meta = 0; meta < 2; ++meta) {
+    int variant;
+    for (variant = 0; variant < 4; ++variant) { /* host / metadata-only, without / with a prefix index */
+        int meta = variant & 1;
         falloc a;
         llmkv_desc d = f_desc(12, meta ? LLMKV_STORAGE_METADATA_ONLY : LLMKV_STORAGE_DEFAULT);
+        d.prefix_index = (uint32_t)(variant >> 1);
         size_t size = 0, per_page = 1;
         unsigned char* mem;
         unsigned off;
