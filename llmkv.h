@@ -497,7 +497,16 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
    sequence's staging). A page whose tokens equal a cached page under the
    same parent is not stored twice: the sequence switches to the cached
    page and its own copy is freed (its page table changes: rebuild
-   batches, which a reserve requires anyway).
+   batches, which a reserve requires anyway). Two rules for pages a fork
+   also holds keep every sequence's cached pages one path from the root:
+   such a page is not swapped for a cached twin (publishing stops there
+   until the other holders let it go), and a partial page is published
+   only when no other sequence holds it (a fork may hold more of it).
+
+   Matching: full pages are found by exact key; where none matches, the
+   cached pages under the last match that start with the next token are
+   compared (the 64 most recently published of them) and the one sharing
+   the most tokens wins, ties to the lowest page id.
 
    References: the index holds one reference on each of its pages (so a
    sequence writing into a cached page copies it first), each sequence one
@@ -541,7 +550,8 @@ LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv
                                                  uint32_t n_seqs);
 
 /* Copies the token ids of positions [pos, pos + n_tokens) into `out`
-   (-1 for unknown). LLMKV_ERR_UNSUPPORTED without a prefix index.
+   (-1 for unknown). LLMKV_ERR_OUT_OF_RANGE past the sequence's length;
+   LLMKV_ERR_UNSUPPORTED without a prefix index.
    Thread safety: read-only. */
 LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq, uint32_t pos, uint32_t n_tokens,
                                         llmkv_token* out);
@@ -1576,6 +1586,7 @@ typedef struct llmkv__seq {
     uint32_t next_free; /* free-slot FIFO link */
     uint32_t mark;      /* call stamp for duplicate detection */
     uint32_t n_pub;     /* prefix index: leading table pages that are full nodes on its path */
+    uint32_t tok_gap;   /* prefix index: first position with an unknown token, or NO_SLOT */
     uint64_t ns;        /* prefix index: namespace it matches and publishes in */
 } llmkv__seq;
 
@@ -1591,7 +1602,8 @@ typedef struct llmkv__node {
     uint32_t full_next, full_prev, first_next, first_prev;
     uint32_t lru_next, lru_prev;
     uint64_t ns;
-} llmkv__node;
+    uint64_t chain;  /* full nodes: hash state of the path (see llmkv__chain_step) */
+} llmkv__node;       /* 64 bytes: one cache line per node */
 
 /* A pin: the deepest node it keeps (LLMKV__NO_SLOT for an empty pin). */
 typedef struct llmkv__pin {
@@ -2028,19 +2040,53 @@ static void llmkv__lru_remove(llmkv_cache* kv, uint32_t p) {
     kv->n_evictable--;
 }
 
-/* Hash of a node key: parent, namespace and n tokens. Only speed depends
-   on it; every lookup compares the key itself. */
-static uint32_t llmkv__key_hash(uint32_t parent, uint64_t ns, const llmkv_token* t, uint32_t n) {
-    uint64_t h = (ns ^ 0x9e3779b97f4a7c15ull) * 0xff51afd7ed558ccdull ^ ((uint64_t)parent << 32 | n);
+#if defined(__GNUC__) || defined(__clang__)
+#define LLMKV__PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define LLMKV__PREFETCH(p) ((void)(p))
+#endif
+
+/* Node keys hash through a chain: a full node's `chain` state mixes its
+   parent's (at the root, the namespace's) with its tokens, so it is a
+   function of the namespace and every token of the path, and a walk can
+   hash pages it has not reached yet and prefetch their buckets. The chain
+   step is one multiply and a shift (short: at page_size 1 it is the walk's
+   critical path); bucket hashes are finished off the chain. Only speed
+   depends on the hashes: every lookup compares parent, namespace and tokens
+   exactly. */
+#define LLMKV__HASH_K1 0x9e3779b97f4a7c15ull
+#define LLMKV__HASH_K2 0xc4ceb9fe1a85ec53ull
+#define LLMKV__HASH_K3 0xff51afd7ed558ccdull
+
+static uint64_t llmkv__root_chain(uint64_t ns) {
+    uint64_t h = (ns ^ LLMKV__HASH_K2) * LLMKV__HASH_K3;
+    return (h ^ h >> 32) * LLMKV__HASH_K1;
+}
+
+static uint64_t llmkv__chain_step(uint64_t s, const llmkv_token* t, uint32_t n) {
     uint32_t i;
     for (i = 0; i + 1 < n; i += 2) {
-        h = (h ^ ((uint64_t)(uint32_t)t[i] | (uint64_t)(uint32_t)t[i + 1] << 32)) * 0x9e3779b97f4a7c15ull;
-        h ^= h >> 29;
+        s = (s ^ ((uint64_t)(uint32_t)t[i] | (uint64_t)(uint32_t)t[i + 1] << 32)) * LLMKV__HASH_K1;
+        s ^= s >> 31;
     }
-    if (i < n) h = (h ^ (uint32_t)t[i]) * 0x9e3779b97f4a7c15ull;
-    h ^= h >> 32;
-    h *= 0xc4ceb9fe1a85ec53ull;
-    return (uint32_t)(h >> 32);
+    if (i < n) {
+        s = (s ^ (uint32_t)t[i]) * LLMKV__HASH_K1;
+        s ^= s >> 31;
+    }
+    return s;
+}
+
+/* Bucket hash of a full node from its chain state; of a first-token key
+   from its parent's state and the token. */
+static uint32_t llmkv__full_hash(uint64_t chain) { return (uint32_t)((chain ^ chain >> 29) * LLMKV__HASH_K2 >> 32); }
+static uint32_t llmkv__first_hash(uint64_t parent_chain, llmkv_token t0) {
+    uint64_t h = (parent_chain ^ (uint32_t)t0) * LLMKV__HASH_K3;
+    return (uint32_t)((h ^ h >> 31) * LLMKV__HASH_K2 >> 32);
+}
+
+/* The chain state a child of `parent` (NO_SLOT: the root of ns) extends. */
+static uint64_t llmkv__parent_chain(const llmkv_cache* kv, uint32_t parent, uint64_t ns) {
+    return parent == LLMKV__NO_SLOT ? llmkv__root_chain(ns) : kv->nodes[parent].chain;
 }
 
 /* Chain links of table `which` (0 full-key, 1 first-token). */
@@ -2068,14 +2114,23 @@ static void llmkv__chain_unlink(llmkv_cache* kv, uint32_t p, int which, uint32_t
     if (next != LLMKV__NO_SLOT) *llmkv__chain_prev(&kv->nodes[next], which) = prev;
 }
 
-/* The full node with key (parent, ns, tokens t[0, page_size)), or NO_SLOT.
-   A node of another namespace is rejected before its tokens are read. */
-static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t) {
-    uint32_t ps = kv->layout.page_size, h = llmkv__key_hash(parent, ns, t, ps), p;
+static int llmkv__tokens_equal(const llmkv_token* a, const llmkv_token* b, uint32_t n) {
+    uint32_t i;
+    if (n > 16) return memcmp(a, b, (size_t)n * sizeof(llmkv_token)) == 0;
+    for (i = 0; i < n; ++i) /* short keys: no library call */
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+/* The full node with key (parent, ns, tokens t[0, page_size)), whose
+   chained hash is h, or NO_SLOT. A node of another namespace is rejected
+   before its tokens are read. */
+static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t, uint32_t h) {
+    uint32_t ps = kv->layout.page_size, p;
     for (p = *llmkv__bucket(kv, 0, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].full_next) {
         const llmkv__node* n = &kv->nodes[p];
         if (n->hash_full == h && n->parent == parent && n->ns == ns &&
-            memcmp(kv->tok + (size_t)p * ps, t, (size_t)ps * sizeof(llmkv_token)) == 0)
+            llmkv__tokens_equal(kv->tok + (size_t)p * ps, t, ps))
             return p;
     }
     return LLMKV__NO_SLOT;
@@ -2083,15 +2138,24 @@ static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_
 
 /* Among the nodes under (parent, ns) whose first token is t[0], the one
    sharing the longest prefix with t[0, limit) (ties: lowest page id);
-   *lcp receives that length (0 and NO_SLOT when none). limit >= 1. */
+   *lcp receives that length (0 and NO_SLOT when none). limit >= 1. At most
+   LLMKV__PARTIAL_CANDIDATES such nodes are compared, the most recently
+   published first (chains are pushed at the head), so a prompt prefix
+   shared by thousands of conversations whose next page starts alike costs
+   a bounded scan; past that bound the partial match may be shorter than
+   the best one (never by a page or more). */
+#define LLMKV__PARTIAL_CANDIDATES 64u
 static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t,
                                   uint32_t limit, uint32_t* lcp) {
-    uint32_t ps = kv->layout.page_size, h = llmkv__key_hash(parent, ns, t, 1), p, best = LLMKV__NO_SLOT, bl = 0;
-    for (p = *llmkv__bucket(kv, 1, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].first_next) {
+    uint32_t ps = kv->layout.page_size, h = llmkv__first_hash(llmkv__parent_chain(kv, parent, ns), t[0]), p;
+    uint32_t best = LLMKV__NO_SLOT, bl = 0, seen = 0;
+    for (p = *llmkv__bucket(kv, 1, h); p != LLMKV__NO_SLOT && seen < LLMKV__PARTIAL_CANDIDATES;
+         p = kv->nodes[p].first_next) {
         const llmkv__node* n = &kv->nodes[p];
         const llmkv_token* nt = kv->tok + (size_t)p * ps;
         uint32_t m, k;
         if (n->hash_first != h || n->parent != parent || n->ns != ns || nt[0] != t[0]) continue;
+        ++seen;
         m = n->ntok < limit ? n->ntok : limit;
         for (k = 1; k < m && nt[k] == t[k]; ++k) {}
         if (k > bl || (k == bl && p < best)) {
@@ -2112,11 +2176,14 @@ static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uin
     n->ntok = ntok;
     n->n_children = 0;
     n->pins = 0;
+    uint64_t pc = llmkv__parent_chain(kv, parent, ns);
+    n->chain = 0;
     if (ntok == kv->layout.page_size) {
-        n->hash_full = llmkv__key_hash(parent, ns, t, ntok);
+        n->chain = llmkv__chain_step(pc, t, ntok);
+        n->hash_full = llmkv__full_hash(n->chain);
         llmkv__chain_link(kv, p, 0, n->hash_full);
     }
-    n->hash_first = llmkv__key_hash(parent, ns, t, 1);
+    n->hash_first = llmkv__first_hash(pc, t[0]);
     llmkv__chain_link(kv, p, 1, n->hash_first);
     if (parent != LLMKV__NO_SLOT) kv->nodes[parent].n_children++;
     kv->refcount[p]++; /* the index's reference */
@@ -2452,13 +2519,18 @@ static int llmkv__tokens_known(const llmkv_token* t, uint32_t n) {
 static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
     llmkv__seq* s = &kv->seqs[slot];
     uint32_t* t = llmkv__table(kv, slot);
-    uint32_t ps = kv->layout.page_size, end = llmkv__written_end(kv, slot), k = s->n_pub;
+    uint32_t ps = kv->layout.page_size, k = s->n_pub, end = s->length < s->tok_gap ? s->length : s->tok_gap;
+    /* The usual reserve (inside a page, or past an unknown token) returns
+       here in O(1); the O(n_layers) watermark scan runs once per page. */
+    if ((uint64_t)(k + 1) * ps > end && (!partial || end < s->length)) return;
+    end = llmkv__written_end(kv, slot) < end ? llmkv__written_end(kv, slot) : end;
     while ((uint64_t)(k + 1) * ps <= end) {
         uint32_t p = t[k], parent = k ? t[k - 1] : LLMKV__NO_SLOT, n;
         const llmkv_token* pt = kv->tok + (size_t)p * ps;
         if (kv->nodes[p].ntok == 0) {
             if (!llmkv__tokens_known(pt, ps)) break;
-            n = llmkv__find_full(kv, parent, s->ns, pt);
+            n = llmkv__find_full(kv, parent, s->ns, pt,
+                                 llmkv__full_hash(llmkv__chain_step(llmkv__parent_chain(kv, parent, s->ns), pt, ps)));
             /* A page other sequences share is swapped only by them all:
                swapping it for one would leave the others holding pages
                published under a parent they do not hold. */
@@ -2494,12 +2566,26 @@ static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
 static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t limit, uint32_t* path,
                             uint32_t* n_full, uint32_t* deepest, uint32_t* cand, uint32_t* lcp) {
     uint32_t ps = kv->layout.page_size, node = LLMKV__NO_SLOT, d = 0, c = LLMKV__NO_SLOT, l = 0;
-    while ((uint64_t)(d + 1) * ps <= limit) {
-        uint32_t p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps);
+    uint32_t pages = limit / ps;
+    uint64_t h = llmkv__root_chain(ns);
+    uint32_t ring[32], hashed = 0, p;
+    /* A rolling pipeline: page d + 16 is hashed and its bucket prefetched,
+       page d + 8's bucket head read and its node and tokens prefetched, and
+       page d verified, so the memory latency of a large index overlaps. */
+    for (; d < pages; ++d) {
+        for (; hashed < pages && hashed <= d + 16; ++hashed) {
+            h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps);
+            ring[hashed % 32] = llmkv__full_hash(h);
+            LLMKV__PREFETCH(llmkv__bucket(kv, 0, ring[hashed % 32]));
+        }
+        if (d + 8 < hashed && (p = *llmkv__bucket(kv, 0, ring[(d + 8) % 32])) != LLMKV__NO_SLOT) {
+            LLMKV__PREFETCH(&kv->nodes[p]);
+            LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
+        }
+        p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps, ring[d % 32]);
         if (p == LLMKV__NO_SLOT) break;
         if (path) path[d] = p;
         node = p;
-        ++d;
     }
     if ((uint64_t)d * ps < limit) c = llmkv__best_child(kv, node, ns, t + (size_t)d * ps, limit - d * ps, &l);
     *n_full = d;
@@ -2523,6 +2609,7 @@ LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     s->length = 0;
     s->n_pages = 0;
     s->n_pub = 0;
+    s->tok_gap = LLMKV__NO_SLOT;
     s->ns = 0;
     s->epoch = ++cache->epoch;
     s->next_free = LLMKV__NO_SLOT;
@@ -2659,6 +2746,7 @@ static llmkv_result llmkv__reserve(llmkv_cache* cache, const llmkv_seq* seqs, co
         new_len = s->length + n_tokens[i];
         new_pages = llmkv__div_up(new_len, ps);
         while (s->n_pages < new_pages) t[s->n_pages++] = llmkv__page_take(cache);
+        if (cache->tok && !(tokens && tokens[i]) && s->tok_gap > s->length) s->tok_gap = s->length;
         if (cache->tok)
             for (j = s->length; j < new_len; ++j)
                 cache->tok[(size_t)t[j / ps] * ps + j % ps] =
@@ -2880,6 +2968,7 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     d->length = s->length;
     d->n_pages = s->n_pages;
     d->n_pub = s->n_pub;
+    d->tok_gap = s->tok_gap;
     d->ns = s->ns;
     if (cache->written)
         memcpy(llmkv__written(cache, dst_slot), llmkv__written(cache, src_slot),
@@ -2914,6 +3003,7 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
     keep = llmkv__div_up(n_tokens, cache->layout.page_size);
     while (s->n_pages > keep) llmkv__page_release(cache, t[--s->n_pages]);
     if (s->n_pub > n_tokens / cache->layout.page_size) s->n_pub = n_tokens / cache->layout.page_size;
+    if (s->tok_gap >= n_tokens) s->tok_gap = LLMKV__NO_SLOT;
     if (cache->written) {
         uint32_t* w = llmkv__written(cache, slot);
         for (keep = 0; keep < cache->layout.n_layers * 2; ++keep)
@@ -3439,9 +3529,10 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
             }
             kv->scratch[d->parent]++;
         }
-        if (d->hash_first != llmkv__key_hash(d->parent, d->ns, t, 1) ||
-            (d->ntok == ps && (d->hash_full != llmkv__key_hash(d->parent, d->ns, t, ps) ||
-                               llmkv__find_full(kv, d->parent, d->ns, t) != p))) {
+        if (d->hash_first != llmkv__first_hash(llmkv__parent_chain(kv, d->parent, d->ns), t[0]) ||
+            (d->ntok == ps && (d->chain != llmkv__chain_step(llmkv__parent_chain(kv, d->parent, d->ns), t, ps) ||
+                               d->hash_full != llmkv__full_hash(d->chain) ||
+                               llmkv__find_full(kv, d->parent, d->ns, t, d->hash_full) != p))) {
             r = llmkv__corrupt(msg, size, "node %u: not found under its key", p);
             goto done;
         }
@@ -3560,6 +3651,11 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
             }
             gap |= !d->ntok;
         }
+        for (k = 0; k < s->length && k < s->tok_gap; ++k)
+            if (kv->tok[(size_t)t[k / ps] * ps + k % ps] < 0) {
+                r = llmkv__corrupt(msg, size, "slot %u: unknown token at %u before its gap mark %u", j, k, s->tok_gap);
+                goto done;
+            }
         for (k = 0; k < kv->layout.n_layers * 2; ++k)
             if (w[k] > s->length) {
                 r = llmkv__corrupt(msg, size, "slot %u: written mark %u past its length %u", j, w[k], s->length);
