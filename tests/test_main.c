@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
     suite_attn(&t);
     suite_quant(&t);
     suite_q4c(&t);
+    suite_prefix(&t);
     /* Skipped tests said why on their SKIP lines above. */
     if (t.skipped) printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed, t.skipped);
     else printf("%d passed, %d failed\n", t.passed, t.failed);

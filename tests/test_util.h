@@ -107,6 +107,7 @@ void suite_fault(tst* t);
 void suite_attn(tst* t);
 void suite_quant(tst* t);
 void suite_q4c(tst* t);
+void suite_prefix(tst* t);
 
 
 /* The query of one head as the AVX512_BF16 path's VNNI kernel uses it
