@@ -115,11 +115,6 @@ static void timing_add(timing* t, int rep, uint64_t elapsed_ns, uint64_t calls) 
     if (rep >= 0) t->ns[t->n++] = (double)elapsed_ns / (double)calls; /* rep -1: warm-up */
 }
 
-static int cmp_double(const void* a, const void* b) {
-    double x = *(const double*)a, y = *(const double*)b;
-    return (x > y) - (x < y);
-}
-
 typedef struct bench {
     int json;
     int reps;
@@ -139,8 +134,7 @@ static void emit(bench* b, const row* r, timing* t) {
     double median, min;
     int met = 0;
     char notes[128];
-    qsort(t->ns, (size_t)t->n, sizeof t->ns[0], cmp_double);
-    median = t->n % 2 ? t->ns[t->n / 2] : 0.5 * (t->ns[t->n / 2 - 1] + t->ns[t->n / 2]);
+    median = median_of(t->ns, t->n);
     min = t->ns[0];
     if (r->target_ns > 0) {
         met = median < r->target_ns;
