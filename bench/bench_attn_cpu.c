@@ -108,18 +108,6 @@
 /* Helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static void fail_call(llmkv_result r, const char* call, int line) {
-    fprintf(stderr, "bench_attn_cpu:%d: %s failed: %s\n", line, call, llmkv_result_string(r));
-    exit(1);
-}
-
-/* Every llmkv call goes through CHECK, timed ones included. */
-#define CHECK(call)                                                     \
-    do {                                                                \
-        llmkv_result check_r_ = (call);                                 \
-        if (check_r_ != LLMKV_OK) fail_call(check_r_, #call, __LINE__); \
-    } while (0)
-
 static void die(const char* what) {
     fprintf(stderr, "bench_attn_cpu: %s\n", what);
     exit(1);

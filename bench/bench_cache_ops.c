@@ -45,39 +45,6 @@
 /* Helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static void fail_call(llmkv_result r, const char* call, int line) {
-    fprintf(stderr, "bench_cache_ops:%d: %s failed: %s\n", line, call, llmkv_result_string(r));
-    exit(1);
-}
-
-/* Every llmkv call goes through CHECK, timed ones included: the compare and
-   the never-taken branch cost well under a nanosecond. */
-#define CHECK(call)                                       \
-    do {                                                  \
-        llmkv_result check_r_ = (call);                   \
-        if (check_r_ != LLMKV_OK) fail_call(check_r_, #call, __LINE__); \
-    } while (0)
-
-/* A loop found the cache in a state other than the one it meant to time. */
-static void expect_u64(uint64_t got, uint64_t want, const char* what, int line) {
-    if (got != want) {
-        fprintf(stderr, "bench_cache_ops:%d: %s is %llu, expected %llu\n", line, what,
-                (unsigned long long)got, (unsigned long long)want);
-        exit(1);
-    }
-}
-#define EXPECT(got, want) expect_u64((uint64_t)(got), (uint64_t)(want), #got, __LINE__)
-
-static void* xmalloc(size_t size) {
-    void* p = malloc(size);
-    if (!p) {
-        fprintf(stderr, "bench_cache_ops: out of memory (%lu bytes)\n", (unsigned long)size);
-        exit(1);
-    }
-    memset(p, 0, size); /* fault every page in before anything is timed */
-    return p;
-}
-
 /* llmkv_cache_stats takes a non-const cache: it counts in the cache's scratch. */
 static llmkv_stats stats_of(llmkv_cache* kv) {
     llmkv_stats st;

@@ -68,36 +68,6 @@
 /* Helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static void fail_call(llmkv_result r, const char* call, int line) {
-    fprintf(stderr, "bench_prefix:%d: %s failed: %s\n", line, call, llmkv_result_string(r));
-    exit(1);
-}
-
-#define CHECK(call)                                                     \
-    do {                                                                \
-        llmkv_result check_r_ = (call);                                 \
-        if (check_r_ != LLMKV_OK) fail_call(check_r_, #call, __LINE__); \
-    } while (0)
-
-static void expect_u64(uint64_t got, uint64_t want, const char* what, int line) {
-    if (got != want) {
-        fprintf(stderr, "bench_prefix:%d: %s is %llu, expected %llu\n", line, what,
-                (unsigned long long)got, (unsigned long long)want);
-        exit(1);
-    }
-}
-#define EXPECT(got, want) expect_u64((uint64_t)(got), (uint64_t)(want), #got, __LINE__)
-
-static void* xmalloc(size_t size) {
-    void* p = malloc(size ? size : 1);
-    if (!p) {
-        fprintf(stderr, "bench_prefix: out of memory (%lu bytes)\n", (unsigned long)size);
-        exit(1);
-    }
-    memset(p, 0, size);
-    return p;
-}
-
 static llmkv_stats stats_of(llmkv_cache* kv) {
     llmkv_stats st;
     CHECK(llmkv_cache_stats(kv, &st));
@@ -1194,7 +1164,6 @@ int main(int argc, char** argv) {
     bench b;
     int i;
     uint64_t t_start = now_ns();
-    (void)rng_float; /* bench_util.h: not needed here */
     memset(&b, 0, sizeof b);
     b.reps = 11;
     for (i = 1; i < argc; ++i) {
