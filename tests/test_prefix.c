@@ -184,6 +184,14 @@ static unsigned char* p_page_copy(const llmkv_cache* kv, uint32_t page, size_t* 
     return p;
 }
 
+/* Zeroes a host cache's pool, so that whole-page comparisons (which cover
+   slots nobody wrote) read defined bytes under valgrind. */
+static void p_clear_pool(llmkv_cache* kv) {
+    void* base = NULL;
+    uint64_t bytes = 0;
+    if (llmkv_cache_pool(kv, &base, &bytes) == LLMKV_OK && base) memset(base, 0, (size_t)bytes);
+}
+
 /* 1 when page `page` still holds the bytes of `saved`; frees saved. */
 static int p_page_same(const llmkv_cache* kv, uint32_t page, unsigned char* saved, size_t bytes) {
     size_t now_bytes = 0;
@@ -426,6 +434,7 @@ static void test_prefix_create_and_match(tst* t) {
     for (i = 0; i < 6; ++i) Q[i] = P[i];
     p_toks(Q + 6, 4, 300, 1);
     TST_REQUIRE(t, llmkv_cache_create(&d, &kv) == LLMKV_OK);
+    p_clear_pool(kv);
 
     /* empty index: no match; the sequence is empty */
     nc = 77;
@@ -867,6 +876,7 @@ static void test_prefix_partial_publish(tst* t) {
     p_toks(R, 6, 160, 1);
     p_toks(S, 6, 260, 1);
     TST_REQUIRE(t, llmkv_cache_create(&d, &kv) == LLMKV_OK);
+    p_clear_pool(kv);
 
     OK(t, llmkv_seq_create(kv, &a));
     OK(t, p_feed(kv, a, P, 6));
@@ -1479,6 +1489,7 @@ static void test_prefix_shared_cached_tail(tst* t) {
     for (i = 0; i < 2; ++i) {
         d.n_pages = i ? 4 : 3;
         TST_REQUIRE(t, llmkv_cache_create(&d, &kv) == LLMKV_OK);
+        p_clear_pool(kv);
         OK(t, llmkv_seq_create(kv, &a));
         OK(t, p_feed(kv, a, P, 8));
         TST_EQ(t, p_pages(kv, a, pa), 2);
@@ -2018,6 +2029,7 @@ static void p_data_case(tst* t, llmkv_dtype kt, llmkv_dtype vt) {
         llmkv_cache_destroy(ref);
         return;
     }
+    p_clear_pool(kv);
     OK(t, llmkv_seq_create(kv, &a));
     OK(t, p_feed(kv, a, P, 12));
     TST_EQ(t, p_pages(kv, a, pa), 3);
