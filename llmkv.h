@@ -2568,32 +2568,21 @@ static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llm
     uint32_t ps = kv->layout.page_size, node = LLMKV__NO_SLOT, d = 0, c = LLMKV__NO_SLOT, l = 0;
     uint32_t pages = limit / ps;
     uint64_t h = llmkv__root_chain(ns);
-    uint32_t hr[32], br[32], hd[32], hashed = 0, p;
+    uint32_t ring[32], hashed = 0, p;
     /* A rolling pipeline: page d + 16 is hashed and its bucket prefetched,
        page d + 8's bucket head read and its node and tokens prefetched, and
-       page d verified from that head, so the memory latency of a large
-       index overlaps (hr: hashes, br: bucket indices, hd: heads read). */
+       page d verified, so the memory latency of a large index overlaps. */
     for (; d < pages; ++d) {
         for (; hashed < pages && hashed <= d + 16; ++hashed) {
             h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps);
-            hr[hashed % 32] = llmkv__full_hash(h);
-            br[hashed % 32] = (uint32_t)(((uint64_t)hr[hashed % 32] * kv->n_buckets) >> 32);
-            LLMKV__PREFETCH(&kv->heads[br[hashed % 32]]);
+            ring[hashed % 32] = llmkv__full_hash(h);
+            LLMKV__PREFETCH(llmkv__bucket(kv, 0, ring[hashed % 32]));
         }
-        if (d + 8 < hashed) {
-            p = hd[(d + 8) % 32] = kv->heads[br[(d + 8) % 32]];
-            if (p != LLMKV__NO_SLOT) {
-                LLMKV__PREFETCH(&kv->nodes[p]);
-                LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
-            }
+        if (d + 8 < hashed && (p = *llmkv__bucket(kv, 0, ring[(d + 8) % 32])) != LLMKV__NO_SLOT) {
+            LLMKV__PREFETCH(&kv->nodes[p]);
+            LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
         }
-        p = d >= 8 ? hd[d % 32] : kv->heads[br[d % 32]];
-        for (; p != LLMKV__NO_SLOT; p = kv->nodes[p].full_next) {
-            const llmkv__node* n = &kv->nodes[p];
-            if (n->hash_full == hr[d % 32] && n->parent == node && n->ns == ns &&
-                llmkv__tokens_equal(kv->tok + (size_t)p * ps, t + (size_t)d * ps, ps))
-                break;
-        }
+        p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps, ring[d % 32]);
         if (p == LLMKV__NO_SLOT) break;
         if (path) path[d] = p;
         node = p;
