@@ -1598,7 +1598,8 @@ typedef struct llmkv__seq {
    the LRU list, oldest at lru_head. */
 typedef struct llmkv__node {
     uint32_t parent, ntok, n_children, pins;
-    uint32_t hash_full, hash_first;
+    uint32_t hash_full;
+    llmkv_token tok0;   /* its first token, inline: page size 1 never reads the token array */
     uint32_t full_next, full_prev, first_next, first_prev;
     uint32_t lru_next, lru_prev;
     uint64_t ns;
@@ -2129,8 +2130,8 @@ static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_
     uint32_t ps = kv->layout.page_size, p;
     for (p = *llmkv__bucket(kv, 0, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].full_next) {
         const llmkv__node* n = &kv->nodes[p];
-        if (n->hash_full == h && n->parent == parent && n->ns == ns &&
-            llmkv__tokens_equal(kv->tok + (size_t)p * ps, t, ps))
+        if (n->hash_full == h && n->tok0 == t[0] && n->parent == parent && n->ns == ns &&
+            (ps == 1 || llmkv__tokens_equal(kv->tok + (size_t)p * ps + 1, t + 1, ps - 1)))
             return p;
     }
     return LLMKV__NO_SLOT;
@@ -2154,7 +2155,7 @@ static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64
         const llmkv__node* n = &kv->nodes[p];
         const llmkv_token* nt = kv->tok + (size_t)p * ps;
         uint32_t m, k;
-        if (n->hash_first != h || n->parent != parent || n->ns != ns || nt[0] != t[0]) continue;
+        if (n->tok0 != t[0] || n->parent != parent || n->ns != ns) continue;
         ++seen;
         m = n->ntok < limit ? n->ntok : limit;
         for (k = 1; k < m && nt[k] == t[k]; ++k) {}
@@ -2183,8 +2184,8 @@ static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uin
         n->hash_full = llmkv__full_hash(n->chain);
         llmkv__chain_link(kv, p, 0, n->hash_full);
     }
-    n->hash_first = llmkv__first_hash(pc, t[0]);
-    llmkv__chain_link(kv, p, 1, n->hash_first);
+    n->tok0 = t[0];
+    llmkv__chain_link(kv, p, 1, llmkv__first_hash(pc, t[0]));
     if (parent != LLMKV__NO_SLOT) kv->nodes[parent].n_children++;
     kv->refcount[p]++; /* the index's reference */
     kv->n_cached++;
@@ -2200,7 +2201,7 @@ static void llmkv__evict_one(llmkv_cache* kv) {
     LLMKV_ASSERT(n->n_children == 0 && kv->refcount[p] == 1);
     llmkv__lru_remove(kv, p);
     if (n->ntok == kv->layout.page_size) llmkv__chain_unlink(kv, p, 0, n->hash_full);
-    llmkv__chain_unlink(kv, p, 1, n->hash_first);
+    llmkv__chain_unlink(kv, p, 1, llmkv__first_hash(llmkv__parent_chain(kv, n->parent, n->ns), n->tok0));
     if (n->parent != LLMKV__NO_SLOT) kv->nodes[n->parent].n_children--;
     n->ntok = 0;
     kv->n_cached--;
@@ -2580,7 +2581,7 @@ static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llm
         }
         if (d + 8 < hashed && (p = *llmkv__bucket(kv, 0, ring[(d + 8) % 32])) != LLMKV__NO_SLOT) {
             LLMKV__PREFETCH(&kv->nodes[p]);
-            LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
+            if (ps > 1) LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
         }
         p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps, ring[d % 32]);
         if (p == LLMKV__NO_SLOT) break;
@@ -3529,7 +3530,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
             }
             kv->scratch[d->parent]++;
         }
-        if (d->hash_first != llmkv__first_hash(llmkv__parent_chain(kv, d->parent, d->ns), t[0]) ||
+        if (d->tok0 != t[0] ||
             (d->ntok == ps && (d->chain != llmkv__chain_step(llmkv__parent_chain(kv, d->parent, d->ns), t, ps) ||
                                d->hash_full != llmkv__full_hash(d->chain) ||
                                llmkv__find_full(kv, d->parent, d->ns, t, d->hash_full) != p))) {
@@ -3560,7 +3561,8 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
                     goto done;
                 }
                 d = &kv->nodes[p];
-                if (!d->ntok || (which == 0 && d->ntok != ps) || llmkv__bucket(kv, (int)which, which ? d->hash_first : d->hash_full) != kv->heads + which * nb + b ||
+                if (!d->ntok || (which == 0 && d->ntok != ps) || llmkv__bucket(kv, (int)which, which ? llmkv__first_hash(llmkv__parent_chain(kv, d->parent, d->ns), d->tok0)
+                                                     : d->hash_full) != kv->heads + which * nb + b ||
                     *llmkv__chain_prev(d, (int)which) != prev) {
                     r = llmkv__corrupt(msg, size, "hash chain %u/%llu: page %u misplaced", which, (unsigned long long)b, p);
                     goto done;
