@@ -15,7 +15,7 @@ LDFLAGS ?=
 LDLIBS  ?= -lm -pthread
 
 HEADERS   := llmkv.h
-TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_fault.c tests/test_attn.c tests/test_quant.c tests/test_q4c.c tests/test_prefix.c tests/llmkv_impl.c
+TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_fault.c tests/test_attn.c tests/test_quant.c tests/test_q4c.c tests/test_prefix.c tests/test_threads.c tests/llmkv_impl.c
 
 .PHONY: all test demo bench clean
 

@@ -297,6 +297,9 @@ typedef struct llmkv_desc {
                                prefix index (see "Prefix index"); 0: off */
     uint32_t max_pins;      /* prefix index: pins alive at once, 1..65536;
                                default 64 */
+    uint32_t thread_safe;   /* nonzero: calls from many threads at once are
+                               safe (an internal mutex; see "Threads").
+                               LLMKV_ERR_UNSUPPORTED under LLMKV_NO_THREADS */
 } llmkv_desc;
 
 /* Where one part (K or V) of one layer sits inside a page. Offsets are from
@@ -341,6 +344,22 @@ typedef struct llmkv_layout {
 
 typedef struct llmkv_cache llmkv_cache;
 
+/* Threads. Without desc.thread_safe, calls that change the cache (those
+   taking a non-const llmkv_cache*) must not overlap any other call on it;
+   const calls may overlap each other. With desc.thread_safe, any threads
+   may call anything at once, under two rules that stay the caller's:
+     - calls on the same sequence do not overlap (fork counts as a call on
+       its source; a batch's build, attention and puts count as calls on
+       each of its sequences);
+     - llmkv_cache_destroy overlaps nothing.
+   Every call that reads or changes shared metadata (page references, the
+   free list, sequence slots, the prefix index, pins, statistics) holds the
+   cache's mutex for its duration; llmkv_put holds it only while it decides
+   copy-on-write and writes the bytes outside it, so puts into different
+   sequences run in parallel; llmkv_gather, llmkv_seq_length,
+   llmkv_seq_pages, llmkv_seq_tokens and llmkv_attend* read only their own
+   sequences' pages and take no lock. */
+
 /* Sequence handle: a slot index and a generation packed in `id`. The zero
    handle is never valid. */
 typedef struct llmkv_seq { uint32_t id; } llmkv_seq;
@@ -370,7 +389,9 @@ LLMKV_API llmkv_result llmkv_cache_create_in(const llmkv_desc* desc, void* memor
                                              llmkv_cache** out);
 
 /* Releases the cache and everything it allocated; handles and batches of it
-   become invalid (destroy batches first). NULL is ignored.
+   become invalid (destroy batches first). NULL is ignored. A cache made by
+   llmkv_cache_create_in frees nothing, but with desc.thread_safe it ends
+   the cache's mutex, so call it for those too.
    Thread safety: no other call on this cache may be running. */
 LLMKV_API void llmkv_cache_destroy(llmkv_cache* cache);
 
@@ -1509,6 +1530,13 @@ static llmkv_result llmkv__desc_shape(const llmkv_desc* in, llmkv_desc* d) {
     } else {
         d->max_pins = 0;
     }
+    d->thread_safe = d->thread_safe != 0;
+#ifdef LLMKV_NO_THREADS
+    if (d->thread_safe) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: thread_safe needs threads (built with LLMKV_NO_THREADS)");
+        return LLMKV_ERR_UNSUPPORTED;
+    }
+#endif
     if (!d->allocator.alloc != !d->allocator.free) {
         llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: allocator needs both alloc and free");
         return LLMKV_ERR_INVALID_ARGUMENT;
@@ -1576,6 +1604,10 @@ LLMKV_API llmkv_result llmkv_layout_for(const llmkv_desc* desc, llmkv_layout* ou
 /* ------------------------------------------------------------------------ */
 /* Cache structure                                                          */
 /* ------------------------------------------------------------------------ */
+
+#ifndef LLMKV_NO_THREADS
+#include <pthread.h>
+#endif
 
 typedef struct llmkv__seq {
     uint32_t gen;       /* generation in the current handle; never 0 */
@@ -1662,7 +1694,29 @@ struct llmkv_cache {
     uint32_t lru_head, lru_tail;
     uint32_t n_evictable, n_cached, n_pinned_pages;
     uint64_t n_evictions, tokens_matched, tokens_missed;
+
+#ifndef LLMKV_NO_THREADS
+    pthread_mutex_t mu;         /* desc.thread_safe: serializes metadata calls */
+#endif
 };
+
+/* desc.thread_safe: the cache's mutex around every call that reads or
+   changes shared metadata (no-ops otherwise). The mutex is not part of the
+   cache's logical state, so const calls take it too. */
+static void llmkv__lock(const llmkv_cache* kv) {
+#ifndef LLMKV_NO_THREADS
+    if (kv && kv->desc.thread_safe) pthread_mutex_lock((pthread_mutex_t*)(void*)&kv->mu);
+#else
+    (void)kv;
+#endif
+}
+static void llmkv__unlock(const llmkv_cache* kv) {
+#ifndef LLMKV_NO_THREADS
+    if (kv && kv->desc.thread_safe) pthread_mutex_unlock((pthread_mutex_t*)(void*)&kv->mu);
+#else
+    (void)kv;
+#endif
+}
 
 #define LLMKV__NO_SLOT 0xffffffffu
 
@@ -1792,6 +1846,9 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     kv->pool = (unsigned char*)pages;
     kv->cpu_paths = llmkv__cpu_detect();
     kv->cpu_auto = llmkv__cpu_auto(kv->cpu_paths);
+#ifndef LLMKV_NO_THREADS
+    if (d->thread_safe && pthread_mutex_init(&kv->mu, NULL) != 0) return NULL;
+#endif
 
     memset(kv->refcount, 0, (size_t)d->n_pages * 4);
     memset(kv->scratch, 0, (size_t)d->n_pages * 4); /* kept all zero between calls */
@@ -1855,6 +1912,11 @@ LLMKV_API llmkv_result llmkv_cache_create(const llmkv_desc* desc, llmkv_cache** 
         }
     }
     kv = llmkv__init(&d, &l, meta, meta_size, pages);
+    if (!kv) { /* the mutex could not be made */
+        if (pages) a.free(pages, (size_t)page_size, a.user);
+        a.free(meta, (size_t)meta_size, a.user);
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
     kv->alloc = a;
     kv->meta_block = meta;
     kv->meta_block_size = (size_t)meta_size;
@@ -1954,6 +2016,7 @@ LLMKV_API llmkv_result llmkv_cache_create_in(const llmkv_desc* desc, void* memor
     llmkv__footprint(&d, &l, &meta, &pages);
     base = (unsigned char*)(((uintptr_t)memory + LLMKV__ALIGN - 1) & ~(uintptr_t)(LLMKV__ALIGN - 1));
     kv = llmkv__init(&d, &l, base, meta, pages ? base + meta : NULL);
+    if (!kv) return LLMKV_ERR_OUT_OF_MEMORY; /* the mutex could not be made */
     kv->in_caller_memory = 1;
     *out = kv;
     return LLMKV_OK;
@@ -1963,7 +2026,11 @@ LLMKV_API void llmkv_cache_destroy(llmkv_cache* cache) {
     llmkv_allocator a;
     void *meta, *pages;
     size_t meta_size, page_size;
-    if (!cache || cache->in_caller_memory) return;
+    if (!cache) return;
+#ifndef LLMKV_NO_THREADS
+    if (cache->desc.thread_safe) pthread_mutex_destroy(&cache->mu);
+#endif
+    if (cache->in_caller_memory) return;
     a = cache->alloc;
     meta = cache->meta_block;
     meta_size = cache->meta_block_size;
@@ -2596,7 +2663,7 @@ static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llm
     return d * ps + l;
 }
 
-LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
+static llmkv_result llmkv__seq_create_unlocked(llmkv_cache* cache, llmkv_seq* out) {
     uint32_t slot;
     llmkv__seq* s;
     if (out) out->id = 0; /* the never-valid handle, until this succeeds */
@@ -2617,6 +2684,15 @@ LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
     cache->n_live++;
     out->id = (s->gen << cache->slot_bits) | slot;
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__seq_create_unlocked(cache, out);
+    llmkv__unlock(lk);
+    return r;
 }
 
 /* Returns a slot to the FIFO with a new generation, so old handles fail. */
@@ -2640,7 +2716,7 @@ static void llmkv__slot_release(llmkv_cache* kv, uint32_t slot) {
     kv->n_live--;
 }
 
-LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
+static llmkv_result llmkv__seq_free_unlocked(llmkv_cache* cache, llmkv_seq seq) {
     uint32_t slot, i;
     llmkv__seq* s;
     const uint32_t* t;
@@ -2652,6 +2728,15 @@ LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
     for (i = s->n_pages; i-- > 0;) llmkv__page_release(cache, t[i]); /* deepest first: see LRU order */
     llmkv__slot_release(cache, slot);
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__seq_free_unlocked(cache, seq);
+    llmkv__unlock(lk);
+    return r;
 }
 
 LLMKV_API llmkv_result llmkv_seq_length(const llmkv_cache* cache, llmkv_seq seq, uint32_t* length) {
@@ -2758,26 +2843,66 @@ static llmkv_result llmkv__reserve(llmkv_cache* cache, const llmkv_seq* seqs, co
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
+static llmkv_result llmkv__reserve_many_unlocked(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
                                           uint32_t n_seqs) {
     return llmkv__reserve(cache, seqs, n_tokens, NULL, n_seqs);
 }
 
-LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
+                                          uint32_t n_seqs) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__reserve_many_unlocked(cache, seqs, n_tokens, n_seqs);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__reserve_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
     return llmkv__reserve(cache, &seq, &n_tokens, NULL, 1);
 }
 
-LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
+LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__reserve_unlocked(cache, seq, n_tokens);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__reserve_many_tokens_unlocked(llmkv_cache* cache, const llmkv_seq* seqs,
                                                  const uint32_t* n_tokens, const llmkv_token* const* tokens,
                                                  uint32_t n_seqs) {
     if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
     return llmkv__reserve(cache, seqs, n_tokens, tokens, n_seqs);
 }
 
-LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
+LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
+                                                 const uint32_t* n_tokens, const llmkv_token* const* tokens,
+                                                 uint32_t n_seqs) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__reserve_many_tokens_unlocked(cache, seqs, n_tokens, tokens, n_seqs);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__reserve_tokens_unlocked(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
                                             uint32_t n_tokens) {
     if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
     return llmkv__reserve(cache, &seq, &n_tokens, &tokens, 1);
+}
+
+LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
+                                            uint32_t n_tokens) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__reserve_tokens_unlocked(cache, seq, tokens, n_tokens);
+    llmkv__unlock(lk);
+    return r;
 }
 
 /* The type gather writes for a part stored as `stored` when asked for
@@ -2822,16 +2947,24 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
     if (n_tokens == 0 || (!k && !v)) return LLMKV_OK;
     first = s->length - n_tokens;
+    /* Reference counts are shared metadata: the copy-on-write decision is
+       taken under the lock; the bytes are then written outside it (every
+       page in the range is this sequence's own from here on). */
+    llmkv__lock(cache);
     /* Q4C: an older staged page this put must quantize is written too. */
     stale = k ? llmkv__channel_stale(cache, slot, layer, first, s->length) : LLMKV__NO_SLOT;
     shared = llmkv__shared_in_range(cache, slot, first, s->length) +
              (stale != LLMKV__NO_SLOT ? llmkv__shared_in_range(cache, slot, stale, stale + l->page_size) : 0);
     if (shared) {
-        if (shared > llmkv__avail(cache)) return LLMKV_ERR_OUT_OF_PAGES;
+        if (shared > llmkv__avail(cache)) {
+            llmkv__unlock(cache);
+            return LLMKV_ERR_OUT_OF_PAGES;
+        }
         llmkv__unshare_range(cache, slot, first, s->length);
         if (stale != LLMKV__NO_SLOT) llmkv__unshare_range(cache, slot, stale, stale + l->page_size);
         s->epoch = ++cache->epoch;
     }
+    llmkv__unlock(cache);
     t = llmkv__table(cache, slot);
     for (part = 0; part < 2; ++part) {
         const llmkv_part_layout* pl = part ? &l->v : &l->k;
@@ -2950,7 +3083,7 @@ LLMKV_API llmkv_result llmkv_gather(const llmkv_cache* cache, llmkv_seq seq, uin
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
+static llmkv_result llmkv__fork_unlocked(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
     llmkv__seq *s, *d;
     uint32_t src_slot = 0, dst_slot = 0, i;
     const uint32_t* st;
@@ -2960,7 +3093,7 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
     s = llmkv__lookup(cache, src, &src_slot);
     if (!s) return LLMKV_ERR_STALE_HANDLE;
-    r = llmkv_seq_create(cache, &h);
+    r = llmkv__seq_create_unlocked(cache, &h);
     if (r != LLMKV_OK) return r;
     d = llmkv__lookup(cache, h, &dst_slot);
     st = llmkv__table(cache, src_slot);
@@ -2991,7 +3124,16 @@ LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* 
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__fork_unlocked(cache, src, out);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__truncate_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
     llmkv__seq* s;
     uint32_t slot, keep;
     const uint32_t* t;
@@ -3024,6 +3166,15 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
     return LLMKV_OK;
 }
 
+LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__truncate_unlocked(cache, seq, n_tokens);
+    llmkv__unlock(lk);
+    return r;
+}
+
 /* --- Prefix index: public calls ---------------------------------------- */
 
 static int llmkv__tokens_valid(const llmkv_token* t, uint32_t n) {
@@ -3050,7 +3201,7 @@ LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq,
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
+static llmkv_result llmkv__seq_create_prefix_unlocked(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
                                                uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
     uint32_t slot, d = 0, node, cand = LLMKV__NO_SLOT, lcp = 0, matched = 0, k;
     llmkv__seq* s;
@@ -3066,7 +3217,7 @@ LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, 
     slot = cache->free_head;
     t = llmkv__table(cache, slot);
     if (n_prompt) matched = llmkv__prefix_walk(cache, ns, prompt, n_prompt - 1, t, &d, &node, &cand, &lcp);
-    llmkv_seq_create(cache, out); /* cannot fail: a slot is free */
+    llmkv__seq_create_unlocked(cache, out); /* cannot fail: a slot is free */
     s = &cache->seqs[slot];
     s->ns = ns;
     for (k = 0; k < d; ++k) llmkv__page_hold(cache, t[k]);
@@ -3086,7 +3237,17 @@ LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, 
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
+                                               uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__seq_create_prefix_unlocked(cache, ns, prompt, n_prompt, out, n_cached);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__prefix_match_unlocked(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
                                           uint32_t n_tokens, uint32_t* n_matched) {
     uint32_t d, node, cand, lcp;
     if (n_matched) *n_matched = 0;
@@ -3096,7 +3257,17 @@ LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns,
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int partial) {
+LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                          uint32_t n_tokens, uint32_t* n_matched) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__prefix_match_unlocked(cache, ns, tokens, n_tokens, n_matched);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__seq_publish_unlocked(llmkv_cache* cache, llmkv_seq seq, int partial) {
     uint32_t slot;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
     if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
@@ -3105,7 +3276,16 @@ LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int 
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int partial) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__seq_publish_unlocked(cache, seq, partial);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__seq_mark_written_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
     const llmkv__seq* s;
     uint32_t slot, i, *w;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3119,6 +3299,15 @@ LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq,
     return LLMKV_OK;
 }
 
+LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__seq_mark_written_unlocked(cache, seq, n_tokens);
+    llmkv__unlock(lk);
+    return r;
+}
+
 static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
     uint32_t slot = h.id & (((uint32_t)1 << kv->pin_bits) - 1), gen = h.id >> kv->pin_bits;
     llmkv__pin* p;
@@ -3127,7 +3316,7 @@ static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
     return p->live && p->gen == gen ? p : NULL;
 }
 
-LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+static llmkv_result llmkv__prefix_pin_unlocked(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
                                         uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
     uint32_t d = 0, node = LLMKV__NO_SLOT, cand = LLMKV__NO_SLOT, lcp = 0, slot, p, pinned;
     llmkv__pin* rec;
@@ -3159,7 +3348,17 @@ LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const l
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin) {
+LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
+                                        uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__prefix_pin_unlocked(cache, ns, tokens, n_tokens, out, n_pinned);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__prefix_unpin_unlocked(llmkv_cache* cache, llmkv_pin pin) {
     llmkv__pin* rec;
     uint32_t p;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3182,7 +3381,16 @@ LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin) {
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
+LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__prefix_unpin_unlocked(cache, pin);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__prefix_evict_unlocked(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
     uint32_t n = 0;
     if (n_evicted) *n_evicted = 0;
     if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3195,7 +3403,16 @@ LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
+LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__prefix_evict_unlocked(cache, max_pages, n_evicted);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__copy_cmds_take_unlocked(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
                                             uint32_t* n_cmds) {
     uint32_t n, i;
     if (n_cmds) *n_cmds = 0;
@@ -3206,6 +3423,16 @@ LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* 
     cache->copy_count -= n;
     *n_cmds = n;
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
+                                            uint32_t* n_cmds) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__copy_cmds_take_unlocked(cache, cmds, max_cmds, n_cmds);
+    llmkv__unlock(lk);
+    return r;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -3287,7 +3514,7 @@ LLMKV_API void llmkv_batch_destroy(llmkv_batch* batch) {
     a.free(batch->block, batch->block_size, a.user);
 }
 
-LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
+static llmkv_result llmkv__batch_build_unlocked(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
                                          uint32_t n_seqs) {
     const llmkv_cache* kv;
     uint64_t tokens = 0;
@@ -3344,7 +3571,17 @@ LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* se
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
+LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
+                                         uint32_t n_seqs) {
+    const llmkv_cache* lk = batch ? batch->cache : NULL;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__batch_build_unlocked(batch, seqs, q_lens, n_seqs);
+    llmkv__unlock(lk);
+    return r;
+}
+
+static llmkv_result llmkv__batch_check_unlocked(const llmkv_batch* batch) {
     uint32_t i;
     if (!batch) return LLMKV_ERR_INVALID_ARGUMENT;
     for (i = 0; i < batch->n_seqs; ++i) {
@@ -3352,6 +3589,15 @@ LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
         if (!s || s->epoch != batch->epochs[i]) return LLMKV_ERR_STALE_BATCH;
     }
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
+    const llmkv_cache* lk = batch ? batch->cache : NULL;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__batch_check_unlocked(batch);
+    llmkv__unlock(lk);
+    return r;
 }
 
 LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info) {
@@ -3379,7 +3625,7 @@ LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_inf
 /* Statistics, planning, presets, checking                                  */
 /* ------------------------------------------------------------------------ */
 
-LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
+static llmkv_result llmkv__cache_stats_unlocked(llmkv_cache* cache, llmkv_stats* out) {
     uint32_t i, j, ps;
     uint64_t slots = 0;
     if (!cache || !out) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3425,6 +3671,15 @@ LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
     out->n_slots_used = slots;
     out->n_slots_unused = (uint64_t)out->n_pages_used * ps - slots;
     return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__cache_stats_unlocked(cache, out);
+    llmkv__unlock(lk);
+    return r;
 }
 
 LLMKV_API llmkv_result llmkv_plan_bytes(const llmkv_desc* desc, uint64_t n_tokens, uint64_t* bytes) {
@@ -3755,7 +4010,7 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
+static llmkv_result llmkv__cache_check_unlocked(llmkv_cache* cache, char* message, size_t message_size) {
     llmkv_result r;
     uint32_t i;
     if (message && message_size) message[0] = '\0';
@@ -3764,6 +4019,15 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
         if (cache->scratch[i]) return llmkv__corrupt(message, message_size, "scratch entry %u not clear", i);
     r = llmkv__check(cache, message, message_size);
     memset(cache->scratch, 0, (size_t)cache->n_pages * 4);
+    return r;
+}
+
+LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
+    const llmkv_cache* lk = cache;
+    llmkv_result r;
+    llmkv__lock(lk);
+    r = llmkv__cache_check_unlocked(cache, message, message_size);
+    llmkv__unlock(lk);
     return r;
 }
 

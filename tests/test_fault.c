@@ -326,6 +326,10 @@ static void test_fault_cache_create_oom(tst* t) {
     d.prefix_index = 1;
     d.max_pins = 3;
     f_create_every_k(t, d, "host cache with a prefix index");
+#ifndef LLMKV_NO_THREADS
+    d.thread_safe = 1;
+    f_create_every_k(t, d, "thread-safe host cache with a prefix index");
+#endif
 }
 
 /* The k-th allocation after the cache exists fails inside batch_create. */

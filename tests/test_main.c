@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
     suite_quant(&t);
     suite_q4c(&t);
     suite_prefix(&t);
+    suite_threads(&t);
     /* Skipped tests said why on their SKIP lines above. */
     if (t.skipped) printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed, t.skipped);
     else printf("%d passed, %d failed\n", t.passed, t.failed);
