@@ -1718,6 +1718,19 @@ static void llmkv__unlock(const llmkv_cache* kv) {
 #endif
 }
 
+/* The body of every locking public call: evaluates `call` (an llmkv_result
+   expression, the call's unlocked body) under the mutex of cache `lk` and
+   returns its result. */
+#define LLMKV__RETURN_LOCKED(lk, call)         \
+    do {                                       \
+        const llmkv_cache* locked_c_ = (lk);   \
+        llmkv_result locked_r_;                \
+        llmkv__lock(locked_c_);                \
+        locked_r_ = (call);                    \
+        llmkv__unlock(locked_c_);              \
+        return locked_r_;                      \
+    } while (0)
+
 #define LLMKV__NO_SLOT 0xffffffffu
 
 /* Elements of the Q4C staging of one (sequence slot, layer), and of one
@@ -2687,12 +2700,7 @@ static llmkv_result llmkv__seq_create_unlocked(llmkv_cache* cache, llmkv_seq* ou
 }
 
 LLMKV_API llmkv_result llmkv_seq_create(llmkv_cache* cache, llmkv_seq* out) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__seq_create_unlocked(cache, out);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_create_unlocked(cache, out));
 }
 
 /* Returns a slot to the FIFO with a new generation, so old handles fail. */
@@ -2731,12 +2739,7 @@ static llmkv_result llmkv__seq_free_unlocked(llmkv_cache* cache, llmkv_seq seq) 
 }
 
 LLMKV_API llmkv_result llmkv_seq_free(llmkv_cache* cache, llmkv_seq seq) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__seq_free_unlocked(cache, seq);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_free_unlocked(cache, seq));
 }
 
 LLMKV_API llmkv_result llmkv_seq_length(const llmkv_cache* cache, llmkv_seq seq, uint32_t* length) {
@@ -2850,12 +2853,7 @@ static llmkv_result llmkv__reserve_many_unlocked(llmkv_cache* cache, const llmkv
 
 LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
                                           uint32_t n_seqs) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__reserve_many_unlocked(cache, seqs, n_tokens, n_seqs);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_many_unlocked(cache, seqs, n_tokens, n_seqs));
 }
 
 static llmkv_result llmkv__reserve_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
@@ -2863,12 +2861,7 @@ static llmkv_result llmkv__reserve_unlocked(llmkv_cache* cache, llmkv_seq seq, u
 }
 
 LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__reserve_unlocked(cache, seq, n_tokens);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_unlocked(cache, seq, n_tokens));
 }
 
 static llmkv_result llmkv__reserve_many_tokens_unlocked(llmkv_cache* cache, const llmkv_seq* seqs,
@@ -2881,12 +2874,7 @@ static llmkv_result llmkv__reserve_many_tokens_unlocked(llmkv_cache* cache, cons
 LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
                                                  const uint32_t* n_tokens, const llmkv_token* const* tokens,
                                                  uint32_t n_seqs) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__reserve_many_tokens_unlocked(cache, seqs, n_tokens, tokens, n_seqs);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_many_tokens_unlocked(cache, seqs, n_tokens, tokens, n_seqs));
 }
 
 static llmkv_result llmkv__reserve_tokens_unlocked(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
@@ -2897,12 +2885,7 @@ static llmkv_result llmkv__reserve_tokens_unlocked(llmkv_cache* cache, llmkv_seq
 
 LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
                                             uint32_t n_tokens) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__reserve_tokens_unlocked(cache, seq, tokens, n_tokens);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_tokens_unlocked(cache, seq, tokens, n_tokens));
 }
 
 /* The type gather writes for a part stored as `stored` when asked for
@@ -3125,12 +3108,7 @@ static llmkv_result llmkv__fork_unlocked(llmkv_cache* cache, llmkv_seq src, llmk
 }
 
 LLMKV_API llmkv_result llmkv_fork(llmkv_cache* cache, llmkv_seq src, llmkv_seq* out) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__fork_unlocked(cache, src, out);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__fork_unlocked(cache, src, out));
 }
 
 static llmkv_result llmkv__truncate_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
@@ -3167,12 +3145,7 @@ static llmkv_result llmkv__truncate_unlocked(llmkv_cache* cache, llmkv_seq seq, 
 }
 
 LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__truncate_unlocked(cache, seq, n_tokens);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__truncate_unlocked(cache, seq, n_tokens));
 }
 
 /* --- Prefix index: public calls ---------------------------------------- */
@@ -3239,12 +3212,7 @@ static llmkv_result llmkv__seq_create_prefix_unlocked(llmkv_cache* cache, uint64
 
 LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
                                                uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__seq_create_prefix_unlocked(cache, ns, prompt, n_prompt, out, n_cached);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_create_prefix_unlocked(cache, ns, prompt, n_prompt, out, n_cached));
 }
 
 static llmkv_result llmkv__prefix_match_unlocked(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
@@ -3259,12 +3227,7 @@ static llmkv_result llmkv__prefix_match_unlocked(const llmkv_cache* cache, uint6
 
 LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
                                           uint32_t n_tokens, uint32_t* n_matched) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__prefix_match_unlocked(cache, ns, tokens, n_tokens, n_matched);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__prefix_match_unlocked(cache, ns, tokens, n_tokens, n_matched));
 }
 
 static llmkv_result llmkv__seq_publish_unlocked(llmkv_cache* cache, llmkv_seq seq, int partial) {
@@ -3277,12 +3240,7 @@ static llmkv_result llmkv__seq_publish_unlocked(llmkv_cache* cache, llmkv_seq se
 }
 
 LLMKV_API llmkv_result llmkv_seq_publish(llmkv_cache* cache, llmkv_seq seq, int partial) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__seq_publish_unlocked(cache, seq, partial);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_publish_unlocked(cache, seq, partial));
 }
 
 static llmkv_result llmkv__seq_mark_written_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
@@ -3300,12 +3258,7 @@ static llmkv_result llmkv__seq_mark_written_unlocked(llmkv_cache* cache, llmkv_s
 }
 
 LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__seq_mark_written_unlocked(cache, seq, n_tokens);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_mark_written_unlocked(cache, seq, n_tokens));
 }
 
 static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
@@ -3350,12 +3303,7 @@ static llmkv_result llmkv__prefix_pin_unlocked(llmkv_cache* cache, uint64_t ns, 
 
 LLMKV_API llmkv_result llmkv_prefix_pin(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
                                         uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__prefix_pin_unlocked(cache, ns, tokens, n_tokens, out, n_pinned);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__prefix_pin_unlocked(cache, ns, tokens, n_tokens, out, n_pinned));
 }
 
 static llmkv_result llmkv__prefix_unpin_unlocked(llmkv_cache* cache, llmkv_pin pin) {
@@ -3382,12 +3330,7 @@ static llmkv_result llmkv__prefix_unpin_unlocked(llmkv_cache* cache, llmkv_pin p
 }
 
 LLMKV_API llmkv_result llmkv_prefix_unpin(llmkv_cache* cache, llmkv_pin pin) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__prefix_unpin_unlocked(cache, pin);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__prefix_unpin_unlocked(cache, pin));
 }
 
 static llmkv_result llmkv__prefix_evict_unlocked(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
@@ -3404,12 +3347,7 @@ static llmkv_result llmkv__prefix_evict_unlocked(llmkv_cache* cache, uint32_t ma
 }
 
 LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages, uint32_t* n_evicted) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__prefix_evict_unlocked(cache, max_pages, n_evicted);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__prefix_evict_unlocked(cache, max_pages, n_evicted));
 }
 
 static llmkv_result llmkv__copy_cmds_take_unlocked(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
@@ -3427,12 +3365,7 @@ static llmkv_result llmkv__copy_cmds_take_unlocked(llmkv_cache* cache, llmkv_cop
 
 LLMKV_API llmkv_result llmkv_copy_cmds_take(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
                                             uint32_t* n_cmds) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__copy_cmds_take_unlocked(cache, cmds, max_cmds, n_cmds);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__copy_cmds_take_unlocked(cache, cmds, max_cmds, n_cmds));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -3573,12 +3506,7 @@ static llmkv_result llmkv__batch_build_unlocked(llmkv_batch* batch, const llmkv_
 
 LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
                                          uint32_t n_seqs) {
-    const llmkv_cache* lk = batch ? batch->cache : NULL;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__batch_build_unlocked(batch, seqs, q_lens, n_seqs);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(batch ? batch->cache : NULL, llmkv__batch_build_unlocked(batch, seqs, q_lens, n_seqs));
 }
 
 static llmkv_result llmkv__batch_check_unlocked(const llmkv_batch* batch) {
@@ -3592,12 +3520,7 @@ static llmkv_result llmkv__batch_check_unlocked(const llmkv_batch* batch) {
 }
 
 LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
-    const llmkv_cache* lk = batch ? batch->cache : NULL;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__batch_check_unlocked(batch);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(batch ? batch->cache : NULL, llmkv__batch_check_unlocked(batch));
 }
 
 LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info) {
@@ -3674,12 +3597,7 @@ static llmkv_result llmkv__cache_stats_unlocked(llmkv_cache* cache, llmkv_stats*
 }
 
 LLMKV_API llmkv_result llmkv_cache_stats(llmkv_cache* cache, llmkv_stats* out) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__cache_stats_unlocked(cache, out);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__cache_stats_unlocked(cache, out));
 }
 
 LLMKV_API llmkv_result llmkv_plan_bytes(const llmkv_desc* desc, uint64_t n_tokens, uint64_t* bytes) {
@@ -4023,12 +3941,7 @@ static llmkv_result llmkv__cache_check_unlocked(llmkv_cache* cache, char* messag
 }
 
 LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size_t message_size) {
-    const llmkv_cache* lk = cache;
-    llmkv_result r;
-    llmkv__lock(lk);
-    r = llmkv__cache_check_unlocked(cache, message, message_size);
-    llmkv__unlock(lk);
-    return r;
+    LLMKV__RETURN_LOCKED(cache, llmkv__cache_check_unlocked(cache, message, message_size));
 }
 
 /* ------------------------------------------------------------------------ */
