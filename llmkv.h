@@ -2600,11 +2600,12 @@ static int llmkv__tokens_known(const llmkv_token* t, uint32_t n) {
 static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
     llmkv__seq* s = &kv->seqs[slot];
     uint32_t* t = llmkv__table(kv, slot);
-    uint32_t ps = kv->layout.page_size, k = s->n_pub, end = s->length < s->tok_gap ? s->length : s->tok_gap;
+    uint32_t ps = kv->layout.page_size, k = s->n_pub, end = s->length < s->tok_gap ? s->length : s->tok_gap, w;
     /* The usual reserve (inside a page, or past an unknown token) returns
        here in O(1); the O(n_layers) watermark scan runs once per page. */
     if ((uint64_t)(k + 1) * ps > end && (!partial || end < s->length)) return;
-    end = llmkv__written_end(kv, slot) < end ? llmkv__written_end(kv, slot) : end;
+    w = llmkv__written_end(kv, slot);
+    if (w < end) end = w;
     while ((uint64_t)(k + 1) * ps <= end) {
         uint32_t p = t[k], parent = k ? t[k - 1] : LLMKV__NO_SLOT, n;
         const llmkv_token* pt = kv->tok + (size_t)p * ps;
