@@ -2593,6 +2593,9 @@ static int llmkv__tokens_known(const llmkv_token* t, uint32_t n) {
     return 1;
 }
 
+/* A caller's token argument: n ids >= 0 (t may be NULL when n is 0). */
+static int llmkv__tokens_valid(const llmkv_token* t, uint32_t n) { return (t || !n) && llmkv__tokens_known(t, n); }
+
 /* Publishes the sequence's full written pages past n_pub (and, with
    `partial`, its written partial last page): each becomes a node, or is
    swapped for the cached page that already holds the same key. Needs no
@@ -2795,9 +2798,7 @@ static llmkv_result llmkv__reserve(llmkv_cache* cache, const llmkv_seq* seqs, co
         if (s->mark == mark) return LLMKV_ERR_INVALID_ARGUMENT; /* listed twice */
         s->mark = mark;
         if (n_tokens[i] > cache->desc.max_seq_len - s->length) return LLMKV_ERR_SEQUENCE_TOO_LONG;
-        if (tokens && tokens[i])
-            for (j = 0; j < n_tokens[i]; ++j)
-                if (tokens[i][j] < 0) return LLMKV_ERR_INVALID_ARGUMENT;
+        if (tokens && tokens[i] && !llmkv__tokens_known(tokens[i], n_tokens[i])) return LLMKV_ERR_INVALID_ARGUMENT;
     }
     /* Count pages. A shared tail page with w writers among r references
        needs min(w, r - 1) copies: the last writer left holds it alone.
@@ -3150,14 +3151,6 @@ LLMKV_API llmkv_result llmkv_truncate(llmkv_cache* cache, llmkv_seq seq, uint32_
 }
 
 /* --- Prefix index: public calls ---------------------------------------- */
-
-static int llmkv__tokens_valid(const llmkv_token* t, uint32_t n) {
-    uint32_t i;
-    if (n && !t) return 0;
-    for (i = 0; i < n; ++i)
-        if (t[i] < 0) return 0;
-    return 1;
-}
 
 LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq, uint32_t pos, uint32_t n_tokens,
                                         llmkv_token* out) {
