@@ -2848,46 +2848,28 @@ static llmkv_result llmkv__reserve(llmkv_cache* cache, const llmkv_seq* seqs, co
     return LLMKV_OK;
 }
 
-static llmkv_result llmkv__reserve_many_unlocked(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
-                                          uint32_t n_seqs) {
-    return llmkv__reserve(cache, seqs, n_tokens, NULL, n_seqs);
-}
-
 LLMKV_API llmkv_result llmkv_reserve_many(llmkv_cache* cache, const llmkv_seq* seqs, const uint32_t* n_tokens,
                                           uint32_t n_seqs) {
-    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_many_unlocked(cache, seqs, n_tokens, n_seqs));
-}
-
-static llmkv_result llmkv__reserve_unlocked(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    return llmkv__reserve(cache, &seq, &n_tokens, NULL, 1);
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve(cache, seqs, n_tokens, NULL, n_seqs));
 }
 
 LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens) {
-    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_unlocked(cache, seq, n_tokens));
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve(cache, &seq, &n_tokens, NULL, 1));
 }
 
-static llmkv_result llmkv__reserve_many_tokens_unlocked(llmkv_cache* cache, const llmkv_seq* seqs,
-                                                 const uint32_t* n_tokens, const llmkv_token* const* tokens,
-                                                 uint32_t n_seqs) {
-    if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
-    return llmkv__reserve(cache, seqs, n_tokens, tokens, n_seqs);
-}
-
+/* The token variants: whether the index exists is fixed at creation, so it
+   is checked before taking the lock. */
 LLMKV_API llmkv_result llmkv_reserve_many_tokens(llmkv_cache* cache, const llmkv_seq* seqs,
                                                  const uint32_t* n_tokens, const llmkv_token* const* tokens,
                                                  uint32_t n_seqs) {
-    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_many_tokens_unlocked(cache, seqs, n_tokens, tokens, n_seqs));
-}
-
-static llmkv_result llmkv__reserve_tokens_unlocked(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
-                                            uint32_t n_tokens) {
     if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
-    return llmkv__reserve(cache, &seq, &n_tokens, &tokens, 1);
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve(cache, seqs, n_tokens, tokens, n_seqs));
 }
 
 LLMKV_API llmkv_result llmkv_reserve_tokens(llmkv_cache* cache, llmkv_seq seq, const llmkv_token* tokens,
                                             uint32_t n_tokens) {
-    LLMKV__RETURN_LOCKED(cache, llmkv__reserve_tokens_unlocked(cache, seq, tokens, n_tokens));
+    if (cache && !cache->nodes) return LLMKV_ERR_UNSUPPORTED;
+    LLMKV__RETURN_LOCKED(cache, llmkv__reserve(cache, &seq, &n_tokens, &tokens, 1));
 }
 
 /* The type gather writes for a part stored as `stored` when asked for
