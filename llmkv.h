@@ -1638,6 +1638,24 @@ typedef struct llmkv__node {
     uint64_t chain;  /* full nodes: hash state of the path (see llmkv__chain_step) */
 } llmkv__node;       /* 64 bytes: one cache line per node */
 
+/* Handle ids of one kind of slot (sequences, pins): id = gen << bits | slot,
+   with bits the fewest that index every slot and generations 1..gen_max
+   (wrapping to 1, never 0, so the zero id is never valid). */
+typedef struct llmkv__handles {
+    uint32_t bits, gen_max;
+} llmkv__handles;
+
+static llmkv__handles llmkv__handles_for(uint32_t n_slots) {
+    llmkv__handles h;
+    for (h.bits = 1; ((uint32_t)1 << h.bits) < n_slots; ++h.bits) {}
+    h.gen_max = (uint32_t)((((uint64_t)1) << (32 - h.bits)) - 1);
+    return h;
+}
+static uint32_t llmkv__handle_id(llmkv__handles h, uint32_t gen, uint32_t slot) { return gen << h.bits | slot; }
+static uint32_t llmkv__handle_slot(llmkv__handles h, uint32_t id) { return id & (((uint32_t)1 << h.bits) - 1); }
+static uint32_t llmkv__handle_gen(llmkv__handles h, uint32_t id) { return id >> h.bits; }
+static uint32_t llmkv__next_gen(llmkv__handles h, uint32_t gen) { return gen >= h.gen_max ? 1 : gen + 1; }
+
 /* A pin: the deepest node it keeps (LLMKV__NO_SLOT for an empty pin). */
 typedef struct llmkv__pin {
     uint32_t gen, live, node, next_free;
@@ -1665,8 +1683,7 @@ struct llmkv_cache {
     uint32_t* tables;           /* [max_seqs][max_pages_per_seq] */
     uint32_t n_live;
     uint32_t free_head, free_tail; /* free-slot FIFO (oldest freed reused last) */
-    uint32_t slot_bits;         /* handle id = gen << slot_bits | slot */
-    uint32_t gen_max;
+    llmkv__handles seq_ids;     /* sequence handle ids */
     uint64_t epoch;
     uint32_t mark;
 
@@ -1690,7 +1707,8 @@ struct llmkv_cache {
     uint32_t n_buckets;         /* per table: n_pages (memory stays affine in n_pages) */
     uint32_t* written;          /* [max_seqs][n_layers][2]: K, V written below this position */
     llmkv__pin* pins;           /* [max_pins] */
-    uint32_t pin_free, pin_bits, pin_gen_max, n_pins;
+    llmkv__handles pin_ids;     /* pin handle ids */
+    uint32_t pin_free, n_pins;
     uint32_t lru_head, lru_tail;
     uint32_t n_evictable, n_cached, n_pinned_pages;
     uint64_t n_evictions, tokens_matched, tokens_missed;
@@ -1805,7 +1823,7 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
                                 void* pages) {
     llmkv__carver c;
     llmkv_cache* kv;
-    uint32_t i, bits;
+    uint32_t i;
     c.base = (unsigned char*)meta;
     c.used = 0;
     kv = (llmkv_cache*)llmkv__carve(&c, sizeof(llmkv_cache));
@@ -1850,9 +1868,7 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
             kv->pins[e].next_free = e + 1 < d->max_pins ? (uint32_t)e + 1 : LLMKV__NO_SLOT;
         }
         kv->pin_free = 0;
-        for (bits = 1; ((uint32_t)1 << bits) < d->max_pins; ++bits) {}
-        kv->pin_bits = bits;
-        kv->pin_gen_max = (uint32_t)((((uint64_t)1) << (32 - bits)) - 1);
+        kv->pin_ids = llmkv__handles_for(d->max_pins);
         kv->lru_head = kv->lru_tail = LLMKV__NO_SLOT;
     }
     kv->meta_bytes = meta_size;
@@ -1874,9 +1890,7 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     }
     kv->free_head = 0;
     kv->free_tail = d->max_seqs - 1;
-    for (bits = 1; ((uint32_t)1 << bits) < d->max_seqs; ++bits) {}
-    kv->slot_bits = bits;
-    kv->gen_max = (uint32_t)((((uint64_t)1) << (32 - bits)) - 1);
+    kv->seq_ids = llmkv__handles_for(d->max_seqs);
     return kv;
 }
 
@@ -2082,8 +2096,7 @@ static uint32_t* llmkv__table(const llmkv_cache* kv, uint32_t slot) {
 
 /* The record behind a handle, or NULL when the handle is stale or invalid. */
 static llmkv__seq* llmkv__lookup(const llmkv_cache* kv, llmkv_seq h, uint32_t* slot_out) {
-    uint32_t slot = h.id & (((uint32_t)1 << kv->slot_bits) - 1);
-    uint32_t gen = h.id >> kv->slot_bits;
+    uint32_t slot = llmkv__handle_slot(kv->seq_ids, h.id), gen = llmkv__handle_gen(kv->seq_ids, h.id);
     llmkv__seq* s;
     if (slot >= kv->desc.max_seqs) return NULL;
     s = &kv->seqs[slot];
@@ -2699,7 +2712,7 @@ static llmkv_result llmkv__seq_create_unlocked(llmkv_cache* cache, llmkv_seq* ou
     s->epoch = ++cache->epoch;
     s->next_free = LLMKV__NO_SLOT;
     cache->n_live++;
-    out->id = (s->gen << cache->slot_bits) | slot;
+    out->id = llmkv__handle_id(cache->seq_ids, s->gen, slot);
     return LLMKV_OK;
 }
 
@@ -2720,7 +2733,7 @@ static void llmkv__slot_release(llmkv_cache* kv, uint32_t slot) {
         uint32_t l;
         for (l = 0; l < kv->layout.n_layers; ++l) kv->kfill[(size_t)slot * kv->layout.n_layers + l] = LLMKV__NO_SLOT;
     }
-    s->gen = s->gen >= kv->gen_max ? 1 : s->gen + 1;
+    s->gen = llmkv__next_gen(kv->seq_ids, s->gen);
     s->next_free = LLMKV__NO_SLOT;
     if (kv->free_tail == LLMKV__NO_SLOT) kv->free_head = slot;
     else kv->seqs[kv->free_tail].next_free = slot;
@@ -3238,7 +3251,7 @@ LLMKV_API llmkv_result llmkv_seq_mark_written(llmkv_cache* cache, llmkv_seq seq,
 }
 
 static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
-    uint32_t slot = h.id & (((uint32_t)1 << kv->pin_bits) - 1), gen = h.id >> kv->pin_bits;
+    uint32_t slot = llmkv__handle_slot(kv->pin_ids, h.id), gen = llmkv__handle_gen(kv->pin_ids, h.id);
     llmkv__pin* p;
     if (slot >= kv->desc.max_pins) return NULL;
     p = &kv->pins[slot];
@@ -3272,7 +3285,7 @@ static llmkv_result llmkv__prefix_pin_unlocked(llmkv_cache* cache, uint64_t ns, 
     rec->node = node;
     rec->next_free = LLMKV__NO_SLOT;
     cache->n_pins++;
-    out->id = rec->gen << cache->pin_bits | slot;
+    out->id = llmkv__handle_id(cache->pin_ids, rec->gen, slot);
     if (n_pinned) *n_pinned = pinned;
     return LLMKV_OK;
 }
@@ -3298,7 +3311,7 @@ static llmkv_result llmkv__prefix_unpin_unlocked(llmkv_cache* cache, llmkv_pin p
     }
     rec->live = 0;
     rec->node = LLMKV__NO_SLOT;
-    rec->gen = rec->gen >= cache->pin_gen_max ? 1 : rec->gen + 1;
+    rec->gen = llmkv__next_gen(cache->pin_ids, rec->gen);
     rec->next_free = cache->pin_free;
     cache->pin_free = (uint32_t)(rec - cache->pins);
     cache->n_pins--;
@@ -3826,7 +3839,7 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
     for (i = 0; i < cache->desc.max_seqs; ++i) {
         const llmkv__seq* s = &cache->seqs[i];
         const uint32_t* t = llmkv__table(cache, i);
-        if (s->gen == 0 || s->gen > cache->gen_max)
+        if (s->gen == 0 || s->gen > cache->seq_ids.gen_max)
             return llmkv__corrupt(message, message_size, "slot %u: generation %u out of range", i, s->gen);
         if (!s->live) {
             if (s->length || s->n_pages)

@@ -998,7 +998,7 @@ static void test_checker_finds_corruption(tst* t) {
     OK(t, llmkv_reserve(kv, a, 6));
     OK(t, llmkv_fork(kv, a, &b));
     TST_CHECK(t, check_ok(kv));
-    slot = a.id & ((1u << kv->slot_bits) - 1);
+    slot = llmkv__handle_slot(kv->seq_ids, a.id);
 
     kv->refcount[0]++;
     TST_EQ(t, llmkv_cache_check(kv, msg, sizeof msg), LLMKV_ERR_CORRUPT);
