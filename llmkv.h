@@ -592,7 +592,7 @@ LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, 
 
 /* Read-only lookup: *n_matched receives the length of the longest cached
    prefix of tokens[0, n_tokens) in namespace `ns` (all n_tokens may match;
-   no cap). Locks nothing, touches no LRU order, counts nothing.
+   no cap). Holds no page, touches no LRU order, counts nothing.
    Thread safety: read-only. */
 LLMKV_API llmkv_result llmkv_prefix_match(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
                                           uint32_t n_tokens, uint32_t* n_matched);
@@ -2265,12 +2265,12 @@ static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64
 static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uint64_t ns, uint32_t ntok) {
     llmkv__node* n = &kv->nodes[p];
     const llmkv_token* t = kv->tok + (size_t)p * kv->layout.page_size;
+    uint64_t pc = llmkv__parent_chain(kv, parent, ns);
     n->parent = parent;
     n->ns = ns;
     n->ntok = ntok;
     n->n_children = 0;
     n->pins = 0;
-    uint64_t pc = llmkv__parent_chain(kv, parent, ns);
     n->chain = 0;
     if (ntok == kv->layout.page_size) {
         n->chain = llmkv__chain_step(pc, t, ntok);
