@@ -3164,7 +3164,7 @@ LLMKV_API llmkv_result llmkv_seq_tokens(const llmkv_cache* cache, llmkv_seq seq,
 }
 
 static llmkv_result llmkv__seq_create_prefix_unlocked(llmkv_cache* cache, uint64_t ns, const llmkv_token* prompt,
-                                               uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
+                                                      uint32_t n_prompt, llmkv_seq* out, uint32_t* n_cached) {
     uint32_t slot, d = 0, node, cand = LLMKV__NO_SLOT, lcp = 0, matched = 0, k;
     llmkv__seq* s;
     uint32_t* t;
@@ -3205,7 +3205,7 @@ LLMKV_API llmkv_result llmkv_seq_create_prefix(llmkv_cache* cache, uint64_t ns, 
 }
 
 static llmkv_result llmkv__prefix_match_unlocked(const llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
-                                          uint32_t n_tokens, uint32_t* n_matched) {
+                                                 uint32_t n_tokens, uint32_t* n_matched) {
     uint32_t d, node, cand, lcp;
     if (n_matched) *n_matched = 0;
     if (!cache || !n_matched || !llmkv__tokens_valid(tokens, n_tokens)) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3259,7 +3259,7 @@ static llmkv__pin* llmkv__pin_lookup(const llmkv_cache* kv, llmkv_pin h) {
 }
 
 static llmkv_result llmkv__prefix_pin_unlocked(llmkv_cache* cache, uint64_t ns, const llmkv_token* tokens,
-                                        uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
+                                               uint32_t n_tokens, llmkv_pin* out, uint32_t* n_pinned) {
     uint32_t d = 0, node = LLMKV__NO_SLOT, cand = LLMKV__NO_SLOT, lcp = 0, slot, p, pinned;
     llmkv__pin* rec;
     if (out) out->id = 0;
@@ -3340,7 +3340,7 @@ LLMKV_API llmkv_result llmkv_prefix_evict(llmkv_cache* cache, uint32_t max_pages
 }
 
 static llmkv_result llmkv__copy_cmds_take_unlocked(llmkv_cache* cache, llmkv_copy_cmd* cmds, uint32_t max_cmds,
-                                            uint32_t* n_cmds) {
+                                                   uint32_t* n_cmds) {
     uint32_t n, i;
     if (n_cmds) *n_cmds = 0;
     if (!cache || !n_cmds || (!cmds && max_cmds)) return LLMKV_ERR_INVALID_ARGUMENT;
@@ -3437,7 +3437,7 @@ LLMKV_API void llmkv_batch_destroy(llmkv_batch* batch) {
 }
 
 static llmkv_result llmkv__batch_build_unlocked(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
-                                         uint32_t n_seqs) {
+                                                uint32_t n_seqs) {
     const llmkv_cache* kv;
     uint64_t tokens = 0;
     uint32_t i, j, mark, stride = 0, ps, row = 0, idx = 0;
