@@ -160,15 +160,11 @@ typedef struct row {
 
 static void emit(bench* b, const row* r, timing* t) {
     double median, min;
-    int met = 0;
+    int met;
     char notes[64];
     median = median_of(t->ns, t->n);
     min = t->ns[0];
-    if (r->target_ns > 0) {
-        met = median < r->target_ns;
-        if (met) b->n_pass++;
-        else b->n_miss++;
-    }
+    met = target_met(median, r->target_ns, &b->n_pass, &b->n_miss);
     if (b->json) {
         printf("{\"bench\":\"prefix\",\"op\":\"%s\",\"mode\":\"metadata_only\",\"page_size\":%u,"
                "\"unit\":\"%s\",\"ns_median\":%.3f,\"ns_min\":%.3f,\"reps\":%d,\"units_per_rep\":%llu",

@@ -75,4 +75,16 @@ static inline double median_of(double* v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* Whether a median meets its target (a target of 0 means none, and counts
+   in neither tally); adds the outcome to *n_pass or *n_miss. */
+static inline int target_met(double median, double target, int* n_pass, int* n_miss) {
+    if (target <= 0) return 0;
+    if (median < target) {
+        ++*n_pass;
+        return 1;
+    }
+    ++*n_miss;
+    return 0;
+}
+
 #endif
