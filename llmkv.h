@@ -173,6 +173,11 @@ typedef enum llmkv_result {
     LLMKV_ERR_NO_PAGE_DATA = -41,     /* a data call on a metadata-only cache */
     LLMKV_ERR_CORRUPT = -42,          /* the invariant checker found an inconsistency */
 
+    LLMKV_ERR_IO = -60,               /* a file could not be opened, written, flushed, renamed or read */
+    LLMKV_ERR_BAD_FORMAT = -61,       /* a saved file or buffer is corrupt, truncated or not llmkv's */
+    LLMKV_ERR_VERSION = -62,          /* saved by a newer, incompatible format version */
+    LLMKV_ERR_MISMATCH = -63,         /* saved data does not fit this cache (shape, or checkpoint chain) */
+
     LLMKV_ERR_UNSUPPORTED = -100      /* a valid request this build or type cannot serve */
 } llmkv_result;
 
@@ -437,10 +442,11 @@ LLMKV_API llmkv_result llmkv_seq_pages(const llmkv_cache* cache, llmkv_seq seq, 
 
 /* Extends a sequence by n_tokens positions in every layer at once, taking
    free pages as needed and copying a shared tail page before it can be
-   written (copy-on-write). The new slots hold unspecified bytes until
-   llmkv_put writes them (pages are not cleared when taken: gathering or
-   attending over unwritten slots reads uninitialised memory, which
-   valgrind and MemorySanitizer report). All or nothing: LLMKV_ERR_OUT_OF_PAGES,
+   written (copy-on-write). Until llmkv_put writes them, the new slots
+   read as zeros (a host page is cleared when it is taken), or as what a
+   position truncated away left there; never as uninitialised memory, so
+   saved files are a function of the cache's contents alone. All or
+   nothing: LLMKV_ERR_OUT_OF_PAGES,
    LLMKV_ERR_SEQUENCE_TOO_LONG or LLMKV_ERR_COPY_QUEUE_FULL change nothing.
    n_tokens 0 is a no-op. Thread safety: mutates the cache. */
 LLMKV_API llmkv_result llmkv_reserve(llmkv_cache* cache, llmkv_seq seq, uint32_t n_tokens);
@@ -712,6 +718,170 @@ LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch);
    LLMKV_ERR_STALE_BATCH (and leaves info zeroed) when llmkv_batch_check
    would. Thread safety: read-only. */
 LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_info* info);
+
+/* ------------------------------------------------------------------------ */
+/* Persistence: save, load, checkpoints, sequence export and import          */
+/* ------------------------------------------------------------------------ */
+
+/* Format of every file and buffer these calls write: docs/FORMAT.md.
+   In short: a 64-byte header (magic, format version, kind, byte order),
+   sections each with its own CRC-32C, and an end record with the file's
+   identity. Little-endian; big-endian hosts get LLMKV_ERR_UNSUPPORTED.
+
+   Files are written crash-safely: to "<path>.tmp" (which must be on the
+   same file system; one writer per path at a time), flushed with fsync,
+   renamed over `path`, and the directory flushed. A save that fails before
+   the rename (full disk, I/O error, a killed process) leaves the previous
+   file at `path` as it was and removes the temporary when it can; if only
+   the final directory flush fails, the call returns LLMKV_ERR_IO with the
+   new file in place.
+
+   Loading validates every field and checksum before anything is handed to
+   the caller or changed: a corrupt, truncated or crafted input returns
+   LLMKV_ERR_BAD_FORMAT (a newer major format version: LLMKV_ERR_VERSION;
+   a valid file of the wrong kind, such as a sequence export given to a
+   cache load or a whole cache given to an import: LLMKV_ERR_MISMATCH),
+   and the logger says what was wrong. */
+
+#define LLMKV_FORMAT_MAJOR 1
+#define LLMKV_FORMAT_MINOR 0
+
+/* File access, for platforms without POSIX files or to inject faults. Every
+   function returns 0 on success and nonzero on failure (the call then
+   fails with LLMKV_ERR_IO). open_* return a handle or NULL. NULL ops (or
+   a NULL member) means the POSIX default (LLMKV_ERR_UNSUPPORTED when built
+   with LLMKV_NO_FILE_IO or on a non-POSIX system). */
+typedef struct llmkv_file_ops {
+    void* (*open_write)(void* user, const char* path);      /* create or truncate */
+    int (*write)(void* user, void* file, const void* data, size_t n); /* all n bytes */
+    int (*sync)(void* user, void* file);                     /* data on stable storage */
+    int (*close)(void* user, void* file);                    /* also after failures; a failure
+                                                                closing a file that was read is
+                                                                ignored (all of it was read and
+                                                                checked by then) */
+    int (*rename)(void* user, const char* from, const char* to); /* atomic replace */
+    int (*sync_dir)(void* user, const char* path);           /* the directory holding path */
+    int (*remove)(void* user, const char* path);
+    void* (*open_read)(void* user, const char* path);
+    int (*read)(void* user, void* file, void* data, size_t n, size_t* got); /* *got < n: end of file */
+    void* user;
+} llmkv_file_ops;
+
+/* Flags of the whole-cache saves. */
+enum {
+    /* After a successful save, the cache remembers it as its latest
+       checkpoint: the next LLMKV_SAVE_INCREMENTAL builds on it. */
+    LLMKV_SAVE_CHECKPOINT = 1,
+    /* Write only the pages written or newly taken since the latest
+       checkpoint (plus all metadata, which is small); implies
+       LLMKV_SAVE_CHECKPOINT. LLMKV_ERR_INVALID_ARGUMENT without a previous
+       checkpoint. Restore by loading the base followed by its increments
+       in order. Writes that bypass the API (through llmkv_cache_pool) are
+       not seen. */
+    LLMKV_SAVE_INCREMENTAL = 2
+};
+
+/* Bytes llmkv_cache_save_mem would write with `flags` (the cache as it is
+   now). Thread safety: counts as a mutating call. */
+LLMKV_API llmkv_result llmkv_cache_save_size(llmkv_cache* cache, uint32_t flags, uint64_t* bytes);
+
+/* Writes the whole cache into `buffer` (size bytes): configuration, every
+   page a sequence or the prefix index holds (each once, however shared),
+   page tables, sequence slots and handles, token ids, the prefix index
+   with its LRU order and pins, pending copy commands. A metadata-only
+   cache saves everything but page bytes (the device owns those). *written
+   (may be NULL) receives the bytes used. LLMKV_ERR_BUFFER_TOO_SMALL when
+   size < llmkv_cache_save_size. Does not change the cache, except that
+   a checkpoint save resets which pages count as changed.
+   Thread safety: counts as a mutating call, and no llmkv_put may run on
+   the cache meanwhile (its bytes would be torn). */
+LLMKV_API llmkv_result llmkv_cache_save_mem(llmkv_cache* cache, uint32_t flags, void* buffer, size_t size,
+                                            size_t* written);
+
+/* llmkv_cache_save_mem to a file, crash-safely (see above). `ops` may be
+   NULL. LLMKV_ERR_IO (the logger names the step) on any I/O failure.
+   Thread safety: as llmkv_cache_save_mem. */
+LLMKV_API llmkv_result llmkv_cache_save_file(llmkv_cache* cache, uint32_t flags, const char* path,
+                                             const llmkv_file_ops* ops);
+
+/* How to load: everything not saved in a file. Zero-initialise. */
+typedef struct llmkv_load_desc {
+    llmkv_allocator allocator;      /* for the new cache; default LLMKV_MALLOC */
+    llmkv_logger logger;            /* says why a load failed; default silent */
+    const llmkv_file_ops* file_ops; /* file loads; NULL: POSIX */
+    uint64_t max_bytes;             /* refuse inputs whose cache would take more
+                                       memory than this (LLMKV_ERR_OUT_OF_MEMORY);
+                                       0: no limit. Set it for untrusted input. */
+} llmkv_load_desc;
+
+/* Creates a cache from a saved whole cache (buffers[0]) and, after it, the
+   incremental checkpoints built on it, in order (buffers[1 .. n)). The new
+   cache has the saved configuration, and every saved sequence handle and
+   pin handle is valid in it with the same meaning: the same gathers,
+   attention outputs, prefix matches and LRU order as the cache that was
+   saved. It remembers the last file as its latest checkpoint. `ld` may be
+   NULL. Nothing is created on failure: LLMKV_ERR_INVALID_ARGUMENT (n = 0,
+   a NULL pointer), LLMKV_ERR_BAD_FORMAT (including a buffer too short for
+   a header), LLMKV_ERR_VERSION, LLMKV_ERR_MISMATCH (an increment that does
+   not build on the file before it, or an input of the wrong kind: an
+   increment first, a whole cache later, a sequence export anywhere),
+   LLMKV_ERR_OUT_OF_MEMORY, LLMKV_ERR_UNSUPPORTED
+   (a thread-safe cache under LLMKV_NO_THREADS, or a big-endian host).
+   Thread safety: any thread. */
+LLMKV_API llmkv_result llmkv_cache_load_mem(const void* const* buffers, const size_t* sizes, uint32_t n,
+                                            const llmkv_load_desc* ld, llmkv_cache** out);
+
+/* llmkv_cache_load_mem from files, read in one pass straight into the new
+   cache. LLMKV_ERR_IO when a file cannot be opened or read. */
+LLMKV_API llmkv_result llmkv_cache_load_file(const char* const* paths, uint32_t n, const llmkv_load_desc* ld,
+                                             llmkv_cache** out);
+
+/* Bytes llmkv_seq_export would write for `seq`. Thread safety: as
+   llmkv_seq_export. */
+LLMKV_API llmkv_result llmkv_seq_export_size(llmkv_cache* cache, llmkv_seq seq, uint64_t* bytes);
+
+/* Writes one sequence, self-contained, into `buffer`: the shape and storage
+   types of the cache, its length, namespace and token ids (prefix index),
+   which positions are written, and the bytes of every page it holds (its
+   shared pages too). *written (may be NULL) receives the bytes used.
+   LLMKV_ERR_NO_PAGE_DATA on a metadata-only cache. Changes nothing.
+   Thread safety: counts as a mutating call; puts on other sequences may
+   run meanwhile (it reads only this sequence's pages), puts on this one
+   may not. */
+LLMKV_API llmkv_result llmkv_seq_export(llmkv_cache* cache, llmkv_seq seq, void* buffer, size_t size,
+                                        size_t* written);
+
+/* llmkv_seq_export to a file, crash-safely. Thread safety: as
+   llmkv_seq_export. */
+LLMKV_API llmkv_result llmkv_seq_export_file(llmkv_cache* cache, llmkv_seq seq, const char* path,
+                                             const llmkv_file_ops* ops);
+
+/* Creates a new sequence in a running cache from an exported one (*out).
+   The cache may differ in capacity, page size and storage types, but not
+   in n_layers, n_kv_heads or head_dim (LLMKV_ERR_MISMATCH):
+     - same page size and types: page bytes are copied as they are
+       (bit-identical gathers);
+     - otherwise the vectors are converted through F32 and stored with
+       llmkv_put's rounding (for example F16 pages into a Q8 cache).
+   With a prefix index in the cache and token ids in the export, the
+   leading whole pages whose tokens the cache already holds in the same
+   namespace are shared instead of stored again (*n_shared, may be NULL,
+   receives the positions they hold), and the new sequence's full pages are
+   published. All or nothing: LLMKV_ERR_BAD_FORMAT, LLMKV_ERR_VERSION,
+   LLMKV_ERR_MISMATCH, LLMKV_ERR_SEQUENCE_TOO_LONG, LLMKV_ERR_OUT_OF_PAGES,
+   LLMKV_ERR_TOO_MANY_SEQUENCES, LLMKV_ERR_OUT_OF_MEMORY and
+   LLMKV_ERR_NO_PAGE_DATA leave the cache as it was. Memory: a conversion
+   restores the export into a temporary private cache first (from the
+   cache's allocator, as large as the export's pages), then moves it page
+   by page; a same-configuration import needs 8 KiB.
+   Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_import(llmkv_cache* cache, const void* data, size_t size, llmkv_seq* out,
+                                        uint32_t* n_shared);
+
+/* llmkv_seq_import from a file (read whole into a temporary buffer from
+   the cache's allocator). Thread safety: mutates the cache. */
+LLMKV_API llmkv_result llmkv_seq_import_file(llmkv_cache* cache, const char* path, const llmkv_file_ops* ops,
+                                             llmkv_seq* out, uint32_t* n_shared);
 
 /* ------------------------------------------------------------------------ */
 /* Statistics, planning, checking                                           */
@@ -1052,6 +1222,10 @@ LLMKV_API const char* llmkv_result_string(llmkv_result result) {
     case LLMKV_ERR_STALE_BATCH: return "LLMKV_ERR_STALE_BATCH: a sequence changed after the batch was built";
     case LLMKV_ERR_NO_PAGE_DATA: return "LLMKV_ERR_NO_PAGE_DATA: the cache is metadata-only";
     case LLMKV_ERR_CORRUPT: return "LLMKV_ERR_CORRUPT: an internal invariant does not hold";
+    case LLMKV_ERR_IO: return "LLMKV_ERR_IO: a file could not be opened, written, flushed, renamed or read";
+    case LLMKV_ERR_BAD_FORMAT: return "LLMKV_ERR_BAD_FORMAT: the saved data is corrupt, truncated or not llmkv's";
+    case LLMKV_ERR_VERSION: return "LLMKV_ERR_VERSION: saved by a newer, incompatible format version";
+    case LLMKV_ERR_MISMATCH: return "LLMKV_ERR_MISMATCH: the saved data does not fit this cache";
     case LLMKV_ERR_UNSUPPORTED: return "LLMKV_ERR_UNSUPPORTED: not supported by this build or type";
     }
     return "LLMKV_ERR_?: unknown result code";
@@ -1693,6 +1867,13 @@ struct llmkv_cache {
     uint32_t copy_cap, copy_head, copy_count;
     uint64_t meta_bytes;        /* metadata footprint, for stats */
 
+    /* Checkpoints (host pools): dirty[p] is 1 when page p was taken or
+       written since the latest checkpoint save, whose id is ckpt_id (0:
+       none). One byte per page, so puts on distinct sequences never write
+       the same byte. */
+    unsigned char* dirty;
+    uint64_t ckpt_id;
+
     /* Q4C keys only (else NULL): kfill[slot * n_layers + layer] is the first
        position of the page whose keys that slot holds at F16 in its
        staging area (llmkv__stage_block: [n_kv_heads][page_size][head_dim]
@@ -1778,6 +1959,7 @@ static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t
     llmkv__carve(&c, (uint64_t)d->max_seqs * sizeof(llmkv__seq));
     llmkv__carve(&c, table_entries * 4);
     llmkv__carve(&c, queue * sizeof(llmkv_copy_cmd));
+    if (d->storage != LLMKV_STORAGE_METADATA_ONLY) llmkv__carve(&c, d->n_pages); /* dirty marks */
     if (llmkv__dtype_channel(l->k.dtype)) llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 4);
     if (d->prefix_index) {
         llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
@@ -1840,6 +2022,9 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
     if (d->storage == LLMKV_STORAGE_METADATA_ONLY) {
         kv->copies = (llmkv_copy_cmd*)llmkv__carve(&c, (uint64_t)d->max_pending_copies * sizeof(llmkv_copy_cmd));
         kv->copy_cap = d->max_pending_copies;
+    } else {
+        kv->dirty = (unsigned char*)llmkv__carve(&c, d->n_pages);
+        memset(kv->dirty, 0, d->n_pages);
     }
     if (llmkv__dtype_channel(l->k.dtype)) {
         uint64_t e;
@@ -2312,6 +2497,10 @@ static uint32_t llmkv__page_take(llmkv_cache* kv) {
     p = kv->free_pages[--kv->n_free];
     LLMKV_ASSERT(kv->refcount[p] == 0);
     kv->refcount[p] = 1;
+    if (kv->pool) { /* a reserved, unwritten slot reads as zeros, never as stale bytes */
+        memset(kv->pool + (size_t)p * kv->layout.page_bytes, 0, (size_t)kv->layout.page_bytes);
+        kv->dirty[p] = 1;
+    }
     return p;
 }
 
@@ -2499,8 +2688,9 @@ static uint16_t* llmkv__stage_block(const llmkv_cache* kv, uint32_t slot, uint32
 static void llmkv__channel_flush(llmkv_cache* kv, uint32_t slot, uint32_t layer) {
     const llmkv_layout* l = &kv->layout;
     uint32_t* kf = &kv->kfill[(size_t)slot * l->n_layers + layer];
-    unsigned char* base = llmkv__page_layer(kv, llmkv__table(kv, slot)[*kf / l->page_size], layer);
-    uint32_t h;
+    uint32_t page = llmkv__table(kv, slot)[*kf / l->page_size], h;
+    unsigned char* base = llmkv__page_layer(kv, page, layer);
+    kv->dirty[page] = 1;
     for (h = 0; h < l->n_kv_heads; ++h) {
         llmkv__channel_src src;
         memset(&src, 0, sizeof src);
@@ -2902,50 +3092,18 @@ static llmkv_result llmkv__rows(const void* p, size_t* stride, size_t row_bytes,
     return LLMKV_OK;
 }
 
-LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t layer, uint32_t n_tokens,
-                                 const void* k, size_t k_stride, const void* v, size_t v_stride,
-                                 llmkv_dtype src_dtype) {
-    const llmkv_layout* l;
-    llmkv__seq* s;
-    const uint32_t* t;
-    uint32_t slot, first, i, h, part, shared, stale;
-    size_t elem, row;
-    llmkv_result r;
-    int simd;
-    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
-    l = &cache->layout;
-    simd = (int)(cache->cpu_paths >> LLMKV_CPU_PATH_AVX2 & 1u);
-    s = llmkv__lookup(cache, seq, &slot);
-    if (!s) return LLMKV_ERR_STALE_HANDLE;
-    if (src_dtype == LLMKV_DTYPE_DEFAULT) src_dtype = LLMKV_DTYPE_F32;
-    if (!llmkv__dtype_valid(src_dtype)) return LLMKV_ERR_INVALID_ARGUMENT;
-    if (layer >= l->n_layers || n_tokens > s->length) return LLMKV_ERR_OUT_OF_RANGE;
-    elem = llmkv_dtype_size(src_dtype);
-    row = (size_t)l->n_kv_heads * l->head_dim * elem;
-    if ((r = llmkv__rows(k, &k_stride, row, src_dtype)) != LLMKV_OK) return r;
-    if ((r = llmkv__rows(v, &v_stride, row, src_dtype)) != LLMKV_OK) return r;
-    if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
-    if (n_tokens == 0 || (!k && !v)) return LLMKV_OK;
-    first = s->length - n_tokens;
-    /* Reference counts are shared metadata: the copy-on-write decision is
-       taken under the lock; the bytes are then written outside it (every
-       page in the range is this sequence's own from here on). */
-    llmkv__lock(cache);
-    /* Q4C: an older staged page this put must quantize is written too. */
-    stale = k ? llmkv__channel_stale(cache, slot, layer, first, s->length) : LLMKV__NO_SLOT;
-    shared = llmkv__shared_in_range(cache, slot, first, s->length) +
-             (stale != LLMKV__NO_SLOT ? llmkv__shared_in_range(cache, slot, stale, stale + l->page_size) : 0);
-    if (shared) {
-        if (shared > llmkv__avail(cache)) {
-            llmkv__unlock(cache);
-            return LLMKV_ERR_OUT_OF_PAGES;
-        }
-        llmkv__unshare_range(cache, slot, first, s->length);
-        if (stale != LLMKV__NO_SLOT) llmkv__unshare_range(cache, slot, stale, stale + l->page_size);
-        s->epoch = ++cache->epoch;
-    }
-    llmkv__unlock(cache);
-    t = llmkv__table(cache, slot);
+/* Writes positions [first, end) of one layer of sequence slot `slot`, whose
+   pages there are already its own, from the caller's rows (K and/or V,
+   type src_dtype, validated by the caller), marks those pages dirty and
+   raises the written marks. */
+static void llmkv__put_rows(llmkv_cache* cache, uint32_t slot, uint32_t layer, uint32_t first, uint32_t end,
+                            const void* k, size_t k_stride, const void* v, size_t v_stride, llmkv_dtype src_dtype) {
+    const llmkv_layout* l = &cache->layout;
+    const uint32_t* t = llmkv__table(cache, slot);
+    int simd = (int)(cache->cpu_paths >> LLMKV_CPU_PATH_AVX2 & 1u);
+    size_t elem = llmkv_dtype_size(src_dtype);
+    uint32_t i, h, part;
+    for (i = first / l->page_size; i <= (end - 1) / l->page_size; ++i) cache->dirty[t[i]] = 1;
     for (part = 0; part < 2; ++part) {
         const llmkv_part_layout* pl = part ? &l->v : &l->k;
         const unsigned char* src = (const unsigned char*)(part ? v : k);
@@ -2953,10 +3111,10 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
         int quant = llmkv__dtype_quant(pl->dtype);
         if (!src) continue;
         if (llmkv__dtype_channel(pl->dtype)) {
-            llmkv__put_channel(cache, slot, layer, first, s->length, src, stride, src_dtype, simd);
+            llmkv__put_channel(cache, slot, layer, first, end, src, stride, src_dtype, simd);
             continue;
         }
-        for (i = 0; i < n_tokens; ++i) {
+        for (i = 0; i < end - first; ++i) {
             uint32_t pos = first + i;
             unsigned char* page = cache->pool + t[pos / l->page_size] * l->page_bytes + layer * l->layer_stride;
             unsigned char* dst = page + pl->offset + (pos % l->page_size) * pl->slot_stride;
@@ -2981,9 +3139,51 @@ LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t lay
     }
     if (cache->written) { /* the prefix index publishes only written positions */
         uint32_t* w = llmkv__written(cache, slot) + (size_t)layer * 2;
-        if (k && first <= w[0]) w[0] = s->length;
-        if (v && first <= w[1]) w[1] = s->length;
+        if (k && first <= w[0] && end > w[0]) w[0] = end;
+        if (v && first <= w[1] && end > w[1]) w[1] = end;
     }
+}
+
+LLMKV_API llmkv_result llmkv_put(llmkv_cache* cache, llmkv_seq seq, uint32_t layer, uint32_t n_tokens,
+                                 const void* k, size_t k_stride, const void* v, size_t v_stride,
+                                 llmkv_dtype src_dtype) {
+    const llmkv_layout* l;
+    llmkv__seq* s;
+    uint32_t slot, first, shared, stale;
+    size_t row;
+    llmkv_result r;
+    if (!cache) return LLMKV_ERR_INVALID_ARGUMENT;
+    l = &cache->layout;
+    s = llmkv__lookup(cache, seq, &slot);
+    if (!s) return LLMKV_ERR_STALE_HANDLE;
+    if (src_dtype == LLMKV_DTYPE_DEFAULT) src_dtype = LLMKV_DTYPE_F32;
+    if (!llmkv__dtype_valid(src_dtype)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (layer >= l->n_layers || n_tokens > s->length) return LLMKV_ERR_OUT_OF_RANGE;
+    row = (size_t)l->n_kv_heads * l->head_dim * llmkv_dtype_size(src_dtype);
+    if ((r = llmkv__rows(k, &k_stride, row, src_dtype)) != LLMKV_OK) return r;
+    if ((r = llmkv__rows(v, &v_stride, row, src_dtype)) != LLMKV_OK) return r;
+    if (!cache->pool) return LLMKV_ERR_NO_PAGE_DATA;
+    if (n_tokens == 0 || (!k && !v)) return LLMKV_OK;
+    first = s->length - n_tokens;
+    /* Reference counts are shared metadata: the copy-on-write decision is
+       taken under the lock; the bytes are then written outside it (every
+       page in the range is this sequence's own from here on). */
+    llmkv__lock(cache);
+    /* Q4C: an older staged page this put must quantize is written too. */
+    stale = k ? llmkv__channel_stale(cache, slot, layer, first, s->length) : LLMKV__NO_SLOT;
+    shared = llmkv__shared_in_range(cache, slot, first, s->length) +
+             (stale != LLMKV__NO_SLOT ? llmkv__shared_in_range(cache, slot, stale, stale + l->page_size) : 0);
+    if (shared) {
+        if (shared > llmkv__avail(cache)) {
+            llmkv__unlock(cache);
+            return LLMKV_ERR_OUT_OF_PAGES;
+        }
+        llmkv__unshare_range(cache, slot, first, s->length);
+        if (stale != LLMKV__NO_SLOT) llmkv__unshare_range(cache, slot, stale, stale + l->page_size);
+        s->epoch = ++cache->epoch;
+    }
+    llmkv__unlock(cache);
+    llmkv__put_rows(cache, slot, layer, first, s->length, k, k_stride, v, v_stride, src_dtype);
     return LLMKV_OK;
 }
 
@@ -3694,9 +3894,8 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         }
         if (d->tok0 != t[0] ||
             (d->ntok == ps && (d->chain != llmkv__chain_step(llmkv__parent_chain(kv, d->parent, d->ns), t, ps) ||
-                               d->hash_full != llmkv__full_hash(d->chain) ||
-                               llmkv__find_full(kv, d->parent, d->ns, t, d->hash_full) != p))) {
-            r = llmkv__corrupt(msg, size, "node %u: not found under its key", p);
+                               d->hash_full != llmkv__full_hash(d->chain)))) {
+            r = llmkv__corrupt(msg, size, "node %u: its key does not match its tokens", p);
             goto done;
         }
         full += d->ntok == ps;
@@ -3738,6 +3937,12 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
             goto done;
         }
     }
+    for (p = 0; p < n; ++p) /* lookups (the chains are finite now) find each full node */
+        if (kv->nodes[p].ntok == ps && llmkv__find_full(kv, kv->nodes[p].parent, kv->nodes[p].ns, kv->tok + (size_t)p * ps,
+                                                        kv->nodes[p].hash_full) != p) {
+            r = llmkv__corrupt(msg, size, "node %u: not found under its key", p);
+            goto done;
+        }
     count = 0; /* LRU: scratch[p] = position from the oldest, 1-based */
     for (p = kv->lru_head, j = LLMKV__NO_SLOT; p != LLMKV__NO_SLOT; j = p, p = kv->nodes[p].lru_next) {
         if (p >= n || count >= n || kv->scratch[p] || !llmkv__evictable(kv, p) || kv->nodes[p].lru_prev != j) {
@@ -3892,6 +4097,9 @@ static llmkv_result llmkv__check(llmkv_cache* cache, char* message, size_t messa
         if (cache->refcount[i] == 0 && cache->scratch[i] != 0xffffffffu)
             return llmkv__corrupt(message, message_size, "page %u is unreferenced but not free (leaked)", i);
     /* Free-slot FIFO: exactly the dead slots, no cycle. */
+    if ((cache->free_head == LLMKV__NO_SLOT) != (cache->free_tail == LLMKV__NO_SLOT))
+        return llmkv__corrupt(message, message_size, "free-slot list: head %u, tail %u", cache->free_head,
+                              cache->free_tail);
     for (slot = cache->free_head; slot != LLMKV__NO_SLOT; slot = cache->seqs[slot].next_free) {
         if (slot >= cache->desc.max_seqs || cache->seqs[slot].live || ++free_slots > cache->desc.max_seqs)
             return llmkv__corrupt(message, message_size, "free-slot list is broken at slot %u", slot);
@@ -6359,6 +6567,1786 @@ LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch*
 }
 
 /* LLMKV_ATTN_DONE */
+
+/* ------------------------------------------------------------------------ */
+/* Persistence: save, load, checkpoints, export, import (docs/FORMAT.md)    */
+/* ------------------------------------------------------------------------ */
+
+#if !defined(LLMKV_NO_FILE_IO) && (defined(__unix__) || defined(__unix) || defined(__APPLE__))
+#define LLMKV__POSIX_FILES 1
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#endif
+
+#define LLMKV__HEADER_BYTES 64u
+#define LLMKV__SECTION_HEAD 16u   /* tag, flags, body bytes */
+#define LLMKV__SECTION_TAIL 8u    /* CRC-32C, zero */
+#define LLMKV__IO_BUFFER ((size_t)1 << 20)
+#define LLMKV__FLAG_PAGES 1u      /* header flag: the file holds page bytes */
+
+enum { LLMKV__KIND_CACHE = 1, LLMKV__KIND_INCREMENT = 2, LLMKV__KIND_SEQ = 3 };
+
+/* Section tags: four ASCII characters, the first in the lowest byte. */
+#define LLMKV__TAG(a, b, c, d) ((uint32_t)(a) | (uint32_t)(b) << 8 | (uint32_t)(c) << 16 | (uint32_t)(d) << 24)
+#define LLMKV__T_CONF LLMKV__TAG('C', 'O', 'N', 'F')
+#define LLMKV__T_STAT LLMKV__TAG('S', 'T', 'A', 'T')
+#define LLMKV__T_REFC LLMKV__TAG('R', 'E', 'F', 'C')
+#define LLMKV__T_FREE LLMKV__TAG('F', 'R', 'E', 'E')
+#define LLMKV__T_SEQS LLMKV__TAG('S', 'E', 'Q', 'S')
+#define LLMKV__T_TABL LLMKV__TAG('T', 'A', 'B', 'L')
+#define LLMKV__T_WRIT LLMKV__TAG('W', 'R', 'I', 'T')
+#define LLMKV__T_TOKS LLMKV__TAG('T', 'O', 'K', 'S')
+#define LLMKV__T_NODE LLMKV__TAG('N', 'O', 'D', 'E')
+#define LLMKV__T_HEAD LLMKV__TAG('H', 'E', 'A', 'D')
+#define LLMKV__T_PINS LLMKV__TAG('P', 'I', 'N', 'S')
+#define LLMKV__T_KFIL LLMKV__TAG('K', 'F', 'I', 'L')
+#define LLMKV__T_STAG LLMKV__TAG('S', 'T', 'A', 'G')
+#define LLMKV__T_COPY LLMKV__TAG('C', 'O', 'P', 'Y')
+#define LLMKV__T_PIDS LLMKV__TAG('P', 'I', 'D', 'S')
+#define LLMKV__T_PDAT LLMKV__TAG('P', 'D', 'A', 'T')
+#define LLMKV__T_SEQ1 LLMKV__TAG('S', 'E', 'Q', ' ')
+#define LLMKV__T_END LLMKV__TAG('E', 'N', 'D', ' ')
+
+#define LLMKV__CONF_BYTES 72u
+#define LLMKV__STAT_BYTES 88u
+#define LLMKV__SEQ_RECORD 48u
+#define LLMKV__NODE_RECORD 72u
+#define LLMKV__PIN_RECORD 16u
+#define LLMKV__COPY_RECORD 12u
+#define LLMKV__SEQ1_BYTES 24u
+#define LLMKV__END_BYTES 24u
+
+static const unsigned char llmkv__magic[8] = {0x89, 'L', 'L', 'M', 'K', 'V', '\r', '\n'};
+
+static int llmkv__little_endian(void) {
+    const uint16_t one = 1;
+    unsigned char b;
+    memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+static void llmkv__wr32(unsigned char* p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+static void llmkv__wr64(unsigned char* p, uint64_t v) {
+    llmkv__wr32(p, (uint32_t)v);
+    llmkv__wr32(p + 4, (uint32_t)(v >> 32));
+}
+static uint32_t llmkv__rd32(const unsigned char* p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t llmkv__rd64(const unsigned char* p) { return llmkv__rd32(p) | (uint64_t)llmkv__rd32(p + 4) << 32; }
+
+/* --- CRC-32C (Castagnoli): SSE4.2 where the machine has it, else
+   slicing-by-8 tables built per call (8 KiB; no global state). The
+   register runs uninverted here: a checksum is ~update(~0, data). */
+
+typedef struct llmkv__crc32c {
+    uint32_t t[8][256];
+    int hw;
+} llmkv__crc32c;
+
+#ifdef LLMKV__X86
+__attribute__((target("sse4.2"))) static uint32_t llmkv__crc_sse42(uint32_t crc, const unsigned char* p, size_t n) {
+    uint64_t c = crc;
+    for (; n && ((uintptr_t)p & 7); --n) c = _mm_crc32_u8((uint32_t)c, *p++);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = _mm_crc32_u64(c, w);
+    }
+    for (; n; --n) c = _mm_crc32_u8((uint32_t)c, *p++);
+    return (uint32_t)c;
+}
+#endif
+
+static void llmkv__crc_init(llmkv__crc32c* c) {
+    uint32_t i, j, k;
+    for (i = 0; i < 256; ++i) {
+        uint32_t x = i;
+        for (k = 0; k < 8; ++k) x = x & 1 ? (x >> 1) ^ 0x82F63B78u : x >> 1;
+        c->t[0][i] = x;
+    }
+    for (i = 0; i < 256; ++i)
+        for (j = 1; j < 8; ++j) c->t[j][i] = (c->t[j - 1][i] >> 8) ^ c->t[0][c->t[j - 1][i] & 0xff];
+    c->hw = 0;
+#ifdef LLMKV__X86
+    {
+        unsigned a, b, cx, d;
+        c->hw = __get_cpuid(1, &a, &b, &cx, &d) && (cx & (1u << 20)); /* SSE4.2 */
+    }
+#endif
+}
+
+static uint32_t llmkv__crc_update(const llmkv__crc32c* c, uint32_t crc, const void* data, size_t n) {
+    const unsigned char* p = (const unsigned char*)data;
+#ifdef LLMKV__X86
+    if (c->hw) return llmkv__crc_sse42(crc, p, n);
+#endif
+    for (; n && ((uintptr_t)p & 7); --n) crc = c->t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint32_t lo = llmkv__rd32(p) ^ crc, hi = llmkv__rd32(p + 4);
+        crc = c->t[7][lo & 0xff] ^ c->t[6][(lo >> 8) & 0xff] ^ c->t[5][(lo >> 16) & 0xff] ^ c->t[4][lo >> 24] ^
+              c->t[3][hi & 0xff] ^ c->t[2][(hi >> 8) & 0xff] ^ c->t[1][(hi >> 16) & 0xff] ^ c->t[0][hi >> 24];
+    }
+    for (; n; --n) crc = c->t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+/* A file's identity: its parent's identity folded with every section's
+   checksum (never 0). */
+static uint64_t llmkv__fold(uint64_t h, uint32_t crc) {
+    h ^= crc;
+    h *= 0x9E3779B97F4A7C15ull;
+    return h ^ (h >> 29);
+}
+static uint64_t llmkv__identity(uint64_t parent, uint64_t fold) {
+    uint64_t h = fold ^ parent * 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 31;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 29;
+    return h ? h : 1;
+}
+
+/* --- POSIX files (the defaults of llmkv_file_ops) ----------------------- */
+
+#ifdef LLMKV__POSIX_FILES
+static void* llmkv__px_open(const char* path, int flags) {
+    int fd;
+#ifdef O_CLOEXEC
+    flags |= O_CLOEXEC;
+#endif
+    do fd = open(path, flags, 0644);
+    while (fd < 0 && errno == EINTR);
+    return fd < 0 ? NULL : (void*)(intptr_t)(fd + 1);
+}
+static int llmkv__px_fd(void* f) { return (int)((intptr_t)f - 1); }
+static void* llmkv__px_open_write(void* user, const char* path) {
+    (void)user;
+    return llmkv__px_open(path, O_WRONLY | O_CREAT | O_TRUNC);
+}
+static void* llmkv__px_open_read(void* user, const char* path) {
+    (void)user;
+    return llmkv__px_open(path, O_RDONLY);
+}
+static int llmkv__px_write(void* user, void* f, const void* data, size_t n) {
+    const char* p = (const char*)data;
+    (void)user;
+    while (n) {
+        ssize_t w = write(llmkv__px_fd(f), p, n > ((size_t)1 << 30) ? (size_t)1 << 30 : n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+static int llmkv__px_read(void* user, void* f, void* data, size_t n, size_t* got) {
+    char* p = (char*)data;
+    (void)user;
+    *got = 0;
+    while (n) {
+        ssize_t r = read(llmkv__px_fd(f), p, n > ((size_t)1 << 30) ? (size_t)1 << 30 : n);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        p += r;
+        n -= (size_t)r;
+        *got += (size_t)r;
+    }
+    return 0;
+}
+static int llmkv__px_sync(void* user, void* f) {
+    (void)user;
+    return fsync(llmkv__px_fd(f));
+}
+static int llmkv__px_close(void* user, void* f) {
+    (void)user;
+    return close(llmkv__px_fd(f)); /* not retried on EINTR: the descriptor is gone either way */
+}
+static int llmkv__px_rename(void* user, const char* from, const char* to) {
+    (void)user;
+    return rename(from, to);
+}
+static int llmkv__px_remove(void* user, const char* path) {
+    (void)user;
+    return unlink(path);
+}
+/* Flushes the directory entry of `path`: its directory, opened read-only.
+   File systems that cannot sync a directory (EINVAL) count as done. */
+static int llmkv__px_sync_dir(void* user, const char* path) {
+    char dir[4096];
+    size_t n = strlen(path);
+    int fd, r;
+    (void)user;
+    while (n > 0 && path[n - 1] != '/') --n;
+    if (n == 0) {
+        dir[0] = '.';
+        dir[1] = 0;
+    } else {
+        if (n >= sizeof dir) return -1;
+        memcpy(dir, path, n);
+        dir[n] = 0;
+    }
+    do fd = open(dir, O_RDONLY);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0) return -1;
+    r = fsync(fd);
+    if (r != 0 && (errno == EINVAL || errno == EROFS)) r = 0;
+    close(fd);
+    return r;
+}
+#endif
+
+/* The caller's operations, with the POSIX default for every NULL member.
+   Returns 0 when a needed member has no default (no POSIX files here). */
+static int llmkv__file_ops(const llmkv_file_ops* in, llmkv_file_ops* out) {
+    memset(out, 0, sizeof *out);
+    if (in) *out = *in;
+#ifdef LLMKV__POSIX_FILES
+    if (!out->open_write) out->open_write = llmkv__px_open_write;
+    if (!out->write) out->write = llmkv__px_write;
+    if (!out->sync) out->sync = llmkv__px_sync;
+    if (!out->close) out->close = llmkv__px_close;
+    if (!out->rename) out->rename = llmkv__px_rename;
+    if (!out->sync_dir) out->sync_dir = llmkv__px_sync_dir;
+    if (!out->remove) out->remove = llmkv__px_remove;
+    if (!out->open_read) out->open_read = llmkv__px_open_read;
+    if (!out->read) out->read = llmkv__px_read;
+#endif
+    return out->open_write && out->write && out->sync && out->close && out->rename && out->sync_dir && out->remove &&
+           out->open_read && out->read;
+}
+
+/* --- Writing: a sink counts, fills a buffer or writes a file ------------ */
+
+typedef struct llmkv__sink {
+    const llmkv__crc32c* crc_t;  /* NULL: only count */
+    unsigned char* mem;          /* memory target */
+    const llmkv_file_ops* ops;   /* file target */
+    void* file;
+    unsigned char* buf;          /* file: write buffer */
+    size_t buf_len;
+    uint64_t pos;                /* bytes emitted */
+    uint64_t sec_end;            /* end of the open section's body */
+    uint32_t crc;                /* register of the open section */
+    uint32_t n_sections;
+    uint64_t fold;
+    int failed;                  /* a file write failed */
+} llmkv__sink;
+
+static void llmkv__sink_flush(llmkv__sink* s) {
+    if (s->buf_len && !s->failed && s->ops->write(s->ops->user, s->file, s->buf, s->buf_len) != 0) s->failed = 1;
+    s->buf_len = 0;
+}
+
+static void llmkv__emit(llmkv__sink* s, const void* p, size_t n) {
+    if (s->crc_t) s->crc = llmkv__crc_update(s->crc_t, s->crc, p, n);
+    if (s->mem) {
+        memcpy(s->mem + s->pos, p, n);
+    } else if (s->file && !s->failed) {
+        if (s->buf_len + n > LLMKV__IO_BUFFER) llmkv__sink_flush(s);
+        if (n >= LLMKV__IO_BUFFER / 2) {
+            if (!s->failed && s->ops->write(s->ops->user, s->file, p, n) != 0) s->failed = 1;
+        } else {
+            memcpy(s->buf + s->buf_len, p, n);
+            s->buf_len += n;
+        }
+    }
+    s->pos += n;
+}
+
+static void llmkv__emit32(llmkv__sink* s, uint32_t v) {
+    unsigned char b[4];
+    llmkv__wr32(b, v);
+    llmkv__emit(s, b, 4);
+}
+
+static void llmkv__sec_begin(llmkv__sink* s, uint32_t tag, uint64_t bytes) {
+    unsigned char h[LLMKV__SECTION_HEAD];
+    llmkv__wr32(h, tag);
+    llmkv__wr32(h + 4, 0);
+    llmkv__wr64(h + 8, bytes);
+    s->crc = 0xffffffffu;
+    llmkv__emit(s, h, sizeof h);
+    s->sec_end = s->pos + bytes;
+}
+
+static void llmkv__sec_end(llmkv__sink* s) {
+    unsigned char t[LLMKV__SECTION_TAIL];
+    uint32_t crc = ~s->crc;
+    LLMKV_ASSERT(s->pos == s->sec_end);
+    llmkv__wr32(t, crc);
+    llmkv__wr32(t + 4, 0);
+    llmkv__emit(s, t, sizeof t);
+    s->fold = llmkv__fold(s->fold, crc);
+    s->n_sections++;
+}
+
+/* A section whose body is one array already in memory. */
+static void llmkv__sec_array(llmkv__sink* s, uint32_t tag, const void* p, uint64_t bytes) {
+    llmkv__sec_begin(s, tag, bytes);
+    llmkv__emit(s, p, (size_t)bytes);
+    llmkv__sec_end(s);
+}
+
+static void llmkv__emit_header(llmkv__sink* s, uint32_t kind, uint32_t flags, uint64_t total, uint64_t parent) {
+    unsigned char h[LLMKV__HEADER_BYTES];
+    const llmkv__crc32c* ct = s->crc_t;
+    memset(h, 0, sizeof h);
+    memcpy(h, llmkv__magic, 8);
+    h[8] = LLMKV_FORMAT_MAJOR;
+    h[10] = LLMKV_FORMAT_MINOR;
+    llmkv__wr32(h + 12, kind);
+    llmkv__wr32(h + 16, LLMKV__HEADER_BYTES);
+    llmkv__wr32(h + 20, flags);
+    llmkv__wr64(h + 24, total);
+    llmkv__wr64(h + 32, parent);
+    if (ct) llmkv__wr32(h + 60, ~llmkv__crc_update(ct, 0xffffffffu, h, 60));
+    s->crc_t = NULL; /* the header is not part of any section */
+    llmkv__emit(s, h, sizeof h);
+    s->crc_t = ct;
+}
+
+static void llmkv__emit_end(llmkv__sink* s, uint64_t parent, uint64_t* id) {
+    unsigned char b[LLMKV__END_BYTES];
+    *id = llmkv__identity(parent, s->fold);
+    llmkv__wr64(b, *id);
+    llmkv__wr64(b + 8, parent);
+    llmkv__wr32(b + 16, s->n_sections);
+    llmkv__wr32(b + 20, 0);
+    llmkv__sec_array(s, LLMKV__T_END, b, sizeof b);
+}
+
+static void llmkv__emit_conf(llmkv__sink* s, const llmkv_cache* kv) {
+    const llmkv_desc* d = &kv->desc;
+    unsigned char b[LLMKV__CONF_BYTES];
+    uint32_t v[14], i;
+    v[0] = d->n_layers;
+    v[1] = d->n_kv_heads;
+    v[2] = d->head_dim;
+    v[3] = d->page_size;
+    v[4] = d->n_pages;
+    v[5] = (uint32_t)d->k_dtype;
+    v[6] = (uint32_t)d->v_dtype;
+    v[7] = (uint32_t)d->storage;
+    v[8] = d->max_seqs;
+    v[9] = d->max_seq_len;
+    v[10] = d->max_pending_copies;
+    v[11] = d->prefix_index;
+    v[12] = d->max_pins;
+    v[13] = d->thread_safe;
+    for (i = 0; i < 14; ++i) llmkv__wr32(b + 4 * i, v[i]);
+    llmkv__wr64(b + 56, kv->layout.page_bytes);
+    llmkv__wr64(b + 64, 0);
+    llmkv__sec_array(s, LLMKV__T_CONF, b, sizeof b);
+}
+
+/* Rows [0, used) of every head of the F16 staging of (slot, layer): the
+   keys of its staged page's positions (later rows were never written). */
+static uint32_t llmkv__staged_rows(const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
+    uint32_t kf = kv->kfill[(size_t)slot * kv->layout.n_layers + layer], len = kv->seqs[slot].length;
+    if (kf == LLMKV__NO_SLOT || kf >= len) return 0;
+    return len - kf < kv->layout.page_size ? len - kf : kv->layout.page_size;
+}
+static void llmkv__emit_staged(llmkv__sink* s, const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
+    const llmkv_layout* l = &kv->layout;
+    uint32_t rows = llmkv__staged_rows(kv, slot, layer), h;
+    for (h = 0; h < l->n_kv_heads && rows; ++h)
+        llmkv__emit(s, llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim,
+                    (size_t)rows * l->head_dim * 2);
+}
+
+/* Whether page p goes into a save: in use, and changed since the latest
+   checkpoint when incremental. */
+static int llmkv__page_saved(const llmkv_cache* kv, uint32_t p, int incremental) {
+    return kv->refcount[p] && (!incremental || kv->dirty[p]);
+}
+
+/* Emits the whole cache (kind CACHE or INCREMENT) after the header. */
+static void llmkv__emit_cache(llmkv__sink* s, const llmkv_cache* kv, int incremental, uint64_t parent, uint64_t* id) {
+    const llmkv_layout* l = &kv->layout;
+    const llmkv_desc* d = &kv->desc;
+    uint32_t i, j, n = kv->n_pages, L = l->n_layers;
+    uint64_t table_entries = 0, used = 0, staged_bytes = 0, saved = 0;
+    unsigned char b[LLMKV__STAT_BYTES];
+    for (i = 0; i < d->max_seqs; ++i)
+        if (kv->seqs[i].live) {
+            table_entries += kv->seqs[i].n_pages;
+            for (j = 0; kv->kfill && j < L; ++j)
+                staged_bytes += (uint64_t)llmkv__staged_rows(kv, i, j) * l->n_kv_heads * l->head_dim * 2;
+        }
+    for (i = 0; i < n; ++i) {
+        used += kv->refcount[i] != 0;
+        saved += kv->pool && llmkv__page_saved(kv, i, incremental);
+    }
+    s->fold = 0;
+    s->n_sections = 0;
+    llmkv__emit_conf(s, kv);
+    /* STAT: the cache's scalars */
+    memset(b, 0, sizeof b);
+    llmkv__wr32(b, kv->n_free);
+    llmkv__wr32(b + 4, kv->n_live);
+    llmkv__wr32(b + 8, kv->free_head);
+    llmkv__wr32(b + 12, kv->free_tail);
+    llmkv__wr32(b + 16, kv->lru_head);
+    llmkv__wr32(b + 20, kv->lru_tail);
+    llmkv__wr32(b + 24, kv->n_evictable);
+    llmkv__wr32(b + 28, kv->n_cached);
+    llmkv__wr32(b + 32, kv->n_pinned_pages);
+    llmkv__wr32(b + 36, kv->pin_free);
+    llmkv__wr32(b + 40, kv->n_pins);
+    llmkv__wr32(b + 44, kv->copy_count);
+    llmkv__wr64(b + 56, kv->epoch);
+    llmkv__wr64(b + 64, kv->n_evictions);
+    llmkv__wr64(b + 72, kv->tokens_matched);
+    llmkv__wr64(b + 80, kv->tokens_missed);
+    if (!kv->nodes) { /* the index's list heads mean nothing without it */
+        llmkv__wr32(b + 16, LLMKV__NO_SLOT);
+        llmkv__wr32(b + 20, LLMKV__NO_SLOT);
+        llmkv__wr32(b + 36, LLMKV__NO_SLOT);
+    }
+    llmkv__sec_array(s, LLMKV__T_STAT, b, sizeof b);
+    llmkv__sec_array(s, LLMKV__T_REFC, kv->refcount, (uint64_t)n * 4);
+    llmkv__sec_array(s, LLMKV__T_FREE, kv->free_pages, (uint64_t)kv->n_free * 4);
+    llmkv__sec_begin(s, LLMKV__T_SEQS, (uint64_t)d->max_seqs * LLMKV__SEQ_RECORD);
+    for (i = 0; i < d->max_seqs; ++i) {
+        const llmkv__seq* q = &kv->seqs[i];
+        unsigned char r[LLMKV__SEQ_RECORD];
+        llmkv__wr32(r, q->gen);
+        llmkv__wr32(r + 4, q->live);
+        llmkv__wr32(r + 8, q->length);
+        llmkv__wr32(r + 12, q->n_pages);
+        llmkv__wr32(r + 16, q->next_free);
+        llmkv__wr32(r + 20, q->n_pub);
+        llmkv__wr32(r + 24, q->tok_gap);
+        llmkv__wr32(r + 28, 0);
+        llmkv__wr64(r + 32, q->epoch);
+        llmkv__wr64(r + 40, q->ns);
+        llmkv__emit(s, r, sizeof r);
+    }
+    llmkv__sec_end(s);
+    llmkv__sec_begin(s, LLMKV__T_TABL, table_entries * 4);
+    for (i = 0; i < d->max_seqs; ++i)
+        if (kv->seqs[i].live) llmkv__emit(s, llmkv__table(kv, i), (size_t)kv->seqs[i].n_pages * 4);
+    llmkv__sec_end(s);
+    if (kv->nodes) {
+        llmkv__sec_begin(s, LLMKV__T_WRIT, (uint64_t)kv->n_live * L * 2 * 4);
+        for (i = 0; i < d->max_seqs; ++i)
+            if (kv->seqs[i].live) llmkv__emit(s, llmkv__written(kv, i), (size_t)L * 2 * 4);
+        llmkv__sec_end(s);
+        llmkv__sec_begin(s, LLMKV__T_TOKS, used * l->page_size * 4);
+        for (i = 0; i < n; ++i)
+            if (kv->refcount[i]) llmkv__emit(s, kv->tok + (size_t)i * l->page_size, (size_t)l->page_size * 4);
+        llmkv__sec_end(s);
+        llmkv__sec_begin(s, LLMKV__T_NODE, (uint64_t)kv->n_cached * LLMKV__NODE_RECORD);
+        for (i = 0; i < n; ++i) {
+            const llmkv__node* x = &kv->nodes[i];
+            unsigned char r[LLMKV__NODE_RECORD];
+            if (!x->ntok) continue;
+            llmkv__wr32(r, i);
+            llmkv__wr32(r + 4, x->parent);
+            llmkv__wr32(r + 8, x->ntok);
+            llmkv__wr32(r + 12, x->n_children);
+            llmkv__wr32(r + 16, x->pins);
+            llmkv__wr32(r + 20, x->hash_full);
+            llmkv__wr32(r + 24, (uint32_t)x->tok0);
+            llmkv__wr32(r + 28, x->full_next);
+            llmkv__wr32(r + 32, x->full_prev);
+            llmkv__wr32(r + 36, x->first_next);
+            llmkv__wr32(r + 40, x->first_prev);
+            llmkv__wr32(r + 44, x->lru_next);
+            llmkv__wr32(r + 48, x->lru_prev);
+            llmkv__wr32(r + 52, 0);
+            llmkv__wr64(r + 56, x->ns);
+            llmkv__wr64(r + 64, x->chain);
+            llmkv__emit(s, r, sizeof r);
+        }
+        llmkv__sec_end(s);
+        llmkv__sec_array(s, LLMKV__T_HEAD, kv->heads, (uint64_t)kv->n_buckets * 2 * 4);
+        llmkv__sec_begin(s, LLMKV__T_PINS, (uint64_t)d->max_pins * LLMKV__PIN_RECORD);
+        for (i = 0; i < d->max_pins; ++i) {
+            unsigned char r[LLMKV__PIN_RECORD];
+            llmkv__wr32(r, kv->pins[i].gen);
+            llmkv__wr32(r + 4, kv->pins[i].live);
+            llmkv__wr32(r + 8, kv->pins[i].node);
+            llmkv__wr32(r + 12, kv->pins[i].next_free);
+            llmkv__emit(s, r, sizeof r);
+        }
+        llmkv__sec_end(s);
+    }
+    if (kv->kfill) {
+        llmkv__sec_begin(s, LLMKV__T_KFIL, (uint64_t)kv->n_live * L * 4);
+        for (i = 0; i < d->max_seqs; ++i)
+            if (kv->seqs[i].live) llmkv__emit(s, kv->kfill + (size_t)i * L, (size_t)L * 4);
+        llmkv__sec_end(s);
+        llmkv__sec_begin(s, LLMKV__T_STAG, staged_bytes);
+        for (i = 0; i < d->max_seqs; ++i)
+            for (j = 0; kv->seqs[i].live && j < L; ++j) llmkv__emit_staged(s, kv, i, j);
+        llmkv__sec_end(s);
+    }
+    if (kv->copies) {
+        llmkv__sec_begin(s, LLMKV__T_COPY, (uint64_t)kv->copy_count * LLMKV__COPY_RECORD);
+        for (i = 0; i < kv->copy_count; ++i) {
+            const llmkv_copy_cmd* c = &kv->copies[(kv->copy_head + i) % kv->copy_cap];
+            unsigned char r[LLMKV__COPY_RECORD];
+            llmkv__wr32(r, c->src_page);
+            llmkv__wr32(r + 4, c->dst_page);
+            llmkv__wr32(r + 8, c->n_slots);
+            llmkv__emit(s, r, sizeof r);
+        }
+        llmkv__sec_end(s);
+    }
+    if (kv->pool) {
+        llmkv__sec_begin(s, LLMKV__T_PIDS, 4 + saved * 4);
+        llmkv__emit32(s, (uint32_t)saved);
+        for (i = 0; i < n; ++i)
+            if (llmkv__page_saved(kv, i, incremental)) llmkv__emit32(s, i);
+        llmkv__sec_end(s);
+        llmkv__sec_begin(s, LLMKV__T_PDAT, saved * l->page_bytes);
+        for (i = 0; i < n; ++i)
+            if (llmkv__page_saved(kv, i, incremental))
+                llmkv__emit(s, kv->pool + (size_t)i * l->page_bytes, (size_t)l->page_bytes);
+        llmkv__sec_end(s);
+    }
+    llmkv__emit_end(s, parent, id);
+}
+
+/* Emits one sequence (kind SEQ) after the header. */
+static void llmkv__emit_seq(llmkv__sink* s, const llmkv_cache* kv, uint32_t slot, uint64_t* id) {
+    const llmkv_layout* l = &kv->layout;
+    const llmkv__seq* q = &kv->seqs[slot];
+    const uint32_t* t = llmkv__table(kv, slot);
+    uint32_t j, L = l->n_layers;
+    unsigned char b[LLMKV__SEQ1_BYTES];
+    s->fold = 0;
+    s->n_sections = 0;
+    llmkv__emit_conf(s, kv);
+    memset(b, 0, sizeof b);
+    llmkv__wr32(b, q->length);
+    llmkv__wr32(b + 4, q->n_pages);
+    llmkv__wr64(b + 16, q->ns);
+    llmkv__sec_array(s, LLMKV__T_SEQ1, b, sizeof b);
+    if (kv->nodes) {
+        llmkv__sec_array(s, LLMKV__T_WRIT, llmkv__written(kv, slot), (uint64_t)L * 2 * 4);
+        llmkv__sec_begin(s, LLMKV__T_TOKS, (uint64_t)q->length * 4);
+        for (j = 0; j < q->n_pages; ++j) {
+            uint32_t n = q->length - j * l->page_size < l->page_size ? q->length - j * l->page_size : l->page_size;
+            llmkv__emit(s, kv->tok + (size_t)t[j] * l->page_size, (size_t)n * 4);
+        }
+        llmkv__sec_end(s);
+    }
+    if (kv->kfill) {
+        uint64_t staged = 0;
+        llmkv__sec_array(s, LLMKV__T_KFIL, kv->kfill + (size_t)slot * L, (uint64_t)L * 4);
+        for (j = 0; j < L; ++j) staged += (uint64_t)llmkv__staged_rows(kv, slot, j) * l->n_kv_heads * l->head_dim * 2;
+        llmkv__sec_begin(s, LLMKV__T_STAG, staged);
+        for (j = 0; j < L; ++j) llmkv__emit_staged(s, kv, slot, j);
+        llmkv__sec_end(s);
+    }
+    llmkv__sec_begin(s, LLMKV__T_PDAT, (uint64_t)q->n_pages * l->page_bytes);
+    for (j = 0; j < q->n_pages; ++j) llmkv__emit(s, kv->pool + (size_t)t[j] * l->page_bytes, (size_t)l->page_bytes);
+    llmkv__sec_end(s);
+    llmkv__emit_end(s, 0, id);
+}
+
+/* What one save writes: the whole cache (slot NO_SLOT) or one sequence. */
+typedef struct llmkv__save_job {
+    const llmkv_cache* kv;
+    uint32_t slot;
+    int incremental;
+    uint64_t parent;
+} llmkv__save_job;
+
+static void llmkv__emit_all(llmkv__sink* s, const llmkv__save_job* j, uint64_t total, uint64_t* id) {
+    uint32_t kind = j->slot != LLMKV__NO_SLOT ? LLMKV__KIND_SEQ : j->incremental ? LLMKV__KIND_INCREMENT : LLMKV__KIND_CACHE;
+    llmkv__emit_header(s, kind, j->kv->pool ? LLMKV__FLAG_PAGES : 0, total, j->parent);
+    if (j->slot != LLMKV__NO_SLOT) llmkv__emit_seq(s, j->kv, j->slot, id);
+    else llmkv__emit_cache(s, j->kv, j->incremental, j->parent, id);
+}
+
+static uint64_t llmkv__save_bytes(const llmkv__save_job* j) {
+    llmkv__sink s;
+    uint64_t id;
+    memset(&s, 0, sizeof s);
+    llmkv__emit_all(&s, j, 0, &id);
+    return s.pos;
+}
+
+/* Validates a save request; fills the job. */
+static llmkv_result llmkv__save_prepare(llmkv_cache* kv, uint32_t flags, llmkv__save_job* j) {
+    memset(j, 0, sizeof *j);
+    j->kv = kv;
+    j->slot = LLMKV__NO_SLOT;
+    if (flags & ~(uint32_t)(LLMKV_SAVE_CHECKPOINT | LLMKV_SAVE_INCREMENTAL)) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!llmkv__little_endian()) return LLMKV_ERR_UNSUPPORTED;
+    j->incremental = (flags & LLMKV_SAVE_INCREMENTAL) != 0;
+    if (j->incremental) {
+        if (!kv->ckpt_id) {
+            llmkv__log(&kv->desc.logger, LLMKV_LOG_ERROR, "llmkv: an incremental save needs an earlier checkpoint save");
+            return LLMKV_ERR_INVALID_ARGUMENT;
+        }
+        j->parent = kv->ckpt_id;
+    }
+    return LLMKV_OK;
+}
+
+/* After a successful save: a checkpoint becomes the base of the next
+   increment. */
+static void llmkv__save_done(llmkv_cache* kv, uint32_t flags, uint64_t id) {
+    if (!(flags & (LLMKV_SAVE_CHECKPOINT | LLMKV_SAVE_INCREMENTAL))) return;
+    kv->ckpt_id = id;
+    if (kv->dirty) memset(kv->dirty, 0, kv->n_pages);
+}
+
+static llmkv_result llmkv__save_mem(const llmkv__save_job* j, void* buffer, size_t size, size_t* written,
+                                    uint64_t* id) {
+    llmkv__sink s;
+    llmkv__crc32c ct;
+    uint64_t total = llmkv__save_bytes(j);
+    if (total > size) return LLMKV_ERR_BUFFER_TOO_SMALL;
+    llmkv__crc_init(&ct);
+    memset(&s, 0, sizeof s);
+    s.crc_t = &ct;
+    s.mem = (unsigned char*)buffer;
+    llmkv__emit_all(&s, j, total, id);
+    LLMKV_ASSERT(s.pos == total);
+    if (written) *written = (size_t)total;
+    return LLMKV_OK;
+}
+
+/* "<path>.tmp" in memory from the allocator. */
+static char* llmkv__tmp_name(const llmkv_allocator* a, const char* path, size_t* bytes) {
+    size_t n = strlen(path);
+    char* t;
+    *bytes = n + 5;
+    t = (char*)a->alloc(*bytes, 1, a->user);
+    if (!t) return NULL;
+    memcpy(t, path, n);
+    memcpy(t + n, ".tmp", 5);
+    return t;
+}
+
+/* Writes the job to `path` crash-safely: a temporary, fsync, rename,
+   then the directory. On failure the temporary is removed (when it can
+   be) and the file at `path` is untouched. */
+static llmkv_result llmkv__save_file(const llmkv__save_job* j, const char* path, const llmkv_file_ops* user_ops,
+                                     const llmkv_allocator* a, const llmkv_logger* lg, uint64_t* id) {
+    llmkv_file_ops ops;
+    llmkv__sink s;
+    llmkv__crc32c* ct;
+    char* tmp;
+    size_t tmp_bytes;
+    uint64_t total;
+    const char* step = NULL;
+    if (!llmkv__file_ops(user_ops, &ops)) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: no file operations in this build (pass llmkv_file_ops)");
+        return LLMKV_ERR_UNSUPPORTED;
+    }
+    total = llmkv__save_bytes(j);
+    tmp = llmkv__tmp_name(a, path, &tmp_bytes);
+    ct = (llmkv__crc32c*)a->alloc(sizeof *ct, LLMKV__ALIGN, a->user);
+    memset(&s, 0, sizeof s);
+    s.buf = (unsigned char*)a->alloc(LLMKV__IO_BUFFER, LLMKV__ALIGN, a->user);
+    if (!tmp || !ct || !s.buf) {
+        if (tmp) a->free(tmp, tmp_bytes, a->user);
+        if (ct) a->free(ct, sizeof *ct, a->user);
+        if (s.buf) a->free(s.buf, LLMKV__IO_BUFFER, a->user);
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+    llmkv__crc_init(ct);
+    s.crc_t = ct;
+    s.ops = &ops;
+    s.file = ops.open_write(ops.user, tmp);
+    if (!s.file) {
+        step = "create";
+    } else {
+        llmkv__emit_all(&s, j, total, id);
+        llmkv__sink_flush(&s);
+        if (s.failed) step = "write";
+        else if (ops.sync(ops.user, s.file) != 0) step = "flush (fsync)";
+        if (ops.close(ops.user, s.file) != 0 && !step) step = "close";
+        if (!step && ops.rename(ops.user, tmp, path) != 0) step = "rename";
+        if (step) ops.remove(ops.user, tmp);
+        else if (ops.sync_dir(ops.user, path) != 0) step = "flush the directory of";
+    }
+    if (step) llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: cannot %s %s", step, step[0] == 'r' || step[0] == 'f' ? path : tmp);
+    a->free(tmp, tmp_bytes, a->user);
+    a->free(ct, sizeof *ct, a->user);
+    a->free(s.buf, LLMKV__IO_BUFFER, a->user);
+    return step ? LLMKV_ERR_IO : LLMKV_OK;
+}
+
+static llmkv_result llmkv__cache_save_size_unlocked(llmkv_cache* cache, uint32_t flags, uint64_t* bytes) {
+    llmkv__save_job j;
+    llmkv_result r;
+    if (bytes) *bytes = 0;
+    if (!cache || !bytes) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__save_prepare(cache, flags, &j)) != LLMKV_OK) return r;
+    *bytes = llmkv__save_bytes(&j);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_save_size(llmkv_cache* cache, uint32_t flags, uint64_t* bytes) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__cache_save_size_unlocked(cache, flags, bytes));
+}
+
+static llmkv_result llmkv__cache_save_mem_unlocked(llmkv_cache* cache, uint32_t flags, void* buffer, size_t size,
+                                                   size_t* written) {
+    llmkv__save_job j;
+    llmkv_result r;
+    uint64_t id = 0;
+    if (written) *written = 0;
+    if (!cache || !buffer) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__save_prepare(cache, flags, &j)) != LLMKV_OK) return r;
+    if ((r = llmkv__save_mem(&j, buffer, size, written, &id)) != LLMKV_OK) return r;
+    llmkv__save_done(cache, flags, id);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_cache_save_mem(llmkv_cache* cache, uint32_t flags, void* buffer, size_t size,
+                                            size_t* written) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__cache_save_mem_unlocked(cache, flags, buffer, size, written));
+}
+
+static llmkv_result llmkv__cache_save_file_unlocked(llmkv_cache* cache, uint32_t flags, const char* path,
+                                                    const llmkv_file_ops* ops) {
+    llmkv__save_job j;
+    llmkv_result r;
+    uint64_t id = 0;
+    if (!cache || !path) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__save_prepare(cache, flags, &j)) != LLMKV_OK) return r;
+    r = llmkv__save_file(&j, path, ops, &cache->alloc, &cache->desc.logger, &id);
+    if (r == LLMKV_OK) llmkv__save_done(cache, flags, id);
+    return r;
+}
+
+LLMKV_API llmkv_result llmkv_cache_save_file(llmkv_cache* cache, uint32_t flags, const char* path,
+                                             const llmkv_file_ops* ops) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__cache_save_file_unlocked(cache, flags, path, ops));
+}
+
+/* Validates an export request; fills the job. */
+static llmkv_result llmkv__export_prepare(llmkv_cache* kv, llmkv_seq seq, llmkv__save_job* j) {
+    uint32_t slot;
+    memset(j, 0, sizeof *j);
+    j->kv = kv;
+    if (!llmkv__lookup(kv, seq, &slot)) return LLMKV_ERR_STALE_HANDLE;
+    if (!kv->pool) return LLMKV_ERR_NO_PAGE_DATA;
+    if (!llmkv__little_endian()) return LLMKV_ERR_UNSUPPORTED;
+    j->slot = slot;
+    return LLMKV_OK;
+}
+
+static llmkv_result llmkv__seq_export_size_unlocked(llmkv_cache* cache, llmkv_seq seq, uint64_t* bytes) {
+    llmkv__save_job j;
+    llmkv_result r;
+    if (bytes) *bytes = 0;
+    if (!cache || !bytes) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__export_prepare(cache, seq, &j)) != LLMKV_OK) return r;
+    *bytes = llmkv__save_bytes(&j);
+    return LLMKV_OK;
+}
+
+LLMKV_API llmkv_result llmkv_seq_export_size(llmkv_cache* cache, llmkv_seq seq, uint64_t* bytes) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_export_size_unlocked(cache, seq, bytes));
+}
+
+static llmkv_result llmkv__seq_export_unlocked(llmkv_cache* cache, llmkv_seq seq, void* buffer, size_t size,
+                                               size_t* written) {
+    llmkv__save_job j;
+    llmkv_result r;
+    uint64_t id;
+    if (written) *written = 0;
+    if (!cache || !buffer) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__export_prepare(cache, seq, &j)) != LLMKV_OK) return r;
+    return llmkv__save_mem(&j, buffer, size, written, &id);
+}
+
+LLMKV_API llmkv_result llmkv_seq_export(llmkv_cache* cache, llmkv_seq seq, void* buffer, size_t size,
+                                        size_t* written) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_export_unlocked(cache, seq, buffer, size, written));
+}
+
+static llmkv_result llmkv__seq_export_file_unlocked(llmkv_cache* cache, llmkv_seq seq, const char* path,
+                                                    const llmkv_file_ops* ops) {
+    llmkv__save_job j;
+    llmkv_result r;
+    uint64_t id;
+    if (!cache || !path) return LLMKV_ERR_INVALID_ARGUMENT;
+    if ((r = llmkv__export_prepare(cache, seq, &j)) != LLMKV_OK) return r;
+    return llmkv__save_file(&j, path, ops, &cache->alloc, &cache->desc.logger, &id);
+}
+
+LLMKV_API llmkv_result llmkv_seq_export_file(llmkv_cache* cache, llmkv_seq seq, const char* path,
+                                             const llmkv_file_ops* ops) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_export_file_unlocked(cache, seq, path, ops));
+}
+
+/* --- Reading: a source is a memory buffer or a file --------------------- */
+
+typedef struct llmkv__src {
+    const llmkv__crc32c* crc_t;
+    const unsigned char* mem;   /* memory source of `size` bytes */
+    uint64_t size;
+    const llmkv_file_ops* ops;  /* file source */
+    void* file;
+    unsigned char* buf;         /* file: read buffer */
+    size_t buf_len, buf_pos;
+    uint64_t pos, limit;        /* bytes consumed; the header's total */
+    uint64_t sec_end;
+    uint32_t crc, n_sections;
+    int in_sec;
+    uint64_t fold;
+    llmkv_result err;           /* the first failure */
+    const llmkv_logger* lg;
+    uint32_t index;             /* which input of a load, for messages */
+} llmkv__src;
+
+/* Records the first failure of a read (with a message for the logger) and
+   returns 0. */
+static int llmkv__bad(llmkv__src* r, llmkv_result code, const char* fmt, ...) {
+    char msg[200];
+    va_list ap;
+    if (r->err != LLMKV_OK) return 0;
+    r->err = code;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    llmkv__log(r->lg, LLMKV_LOG_ERROR, "llmkv: input %u: %s", r->index, msg);
+    return 0;
+}
+
+/* A tag as text, for messages. */
+typedef struct llmkv__tagname { char s[5]; } llmkv__tagname;
+static llmkv__tagname llmkv__tag_text(uint32_t tag) {
+    llmkv__tagname t;
+    int i;
+    for (i = 0; i < 4; ++i) {
+        char c = (char)(tag >> (8 * i) & 0xff);
+        t.s[i] = c >= 32 && c < 127 ? c : '?';
+    }
+    t.s[4] = 0;
+    return t;
+}
+
+static int llmkv__tag_known(uint32_t tag) {
+    static const uint32_t known[] = {LLMKV__T_CONF, LLMKV__T_STAT, LLMKV__T_REFC, LLMKV__T_FREE, LLMKV__T_SEQS,
+                                     LLMKV__T_TABL, LLMKV__T_WRIT, LLMKV__T_TOKS, LLMKV__T_NODE, LLMKV__T_HEAD,
+                                     LLMKV__T_PINS, LLMKV__T_KFIL, LLMKV__T_STAG, LLMKV__T_COPY, LLMKV__T_PIDS,
+                                     LLMKV__T_PDAT, LLMKV__T_SEQ1, LLMKV__T_END};
+    size_t i;
+    for (i = 0; i < sizeof known / sizeof known[0]; ++i)
+        if (known[i] == tag) return 1;
+    return 0;
+}
+
+/* n bytes of the input into dst, without checksum or bounds (the caller
+   checked them). */
+static int llmkv__src_raw(llmkv__src* r, void* dst, size_t n) {
+    unsigned char* d = (unsigned char*)dst;
+    if (r->mem) {
+        memcpy(d, r->mem + r->pos, n);
+        return 1;
+    }
+    while (n) {
+        size_t take, got = 0;
+        if (r->buf_pos == r->buf_len) {
+            if (n >= LLMKV__IO_BUFFER) { /* large reads go straight to their destination */
+                if (r->ops->read(r->ops->user, r->file, d, n, &got) != 0)
+                    return llmkv__bad(r, LLMKV_ERR_IO, "read error at byte %llu", (unsigned long long)r->pos);
+                if (got < n) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the file ends early (truncated)");
+                return 1;
+            }
+            if (r->ops->read(r->ops->user, r->file, r->buf, LLMKV__IO_BUFFER, &got) != 0)
+                return llmkv__bad(r, LLMKV_ERR_IO, "read error at byte %llu", (unsigned long long)r->pos);
+            if (got == 0) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the file ends early (truncated)");
+            r->buf_len = got;
+            r->buf_pos = 0;
+        }
+        take = r->buf_len - r->buf_pos < n ? r->buf_len - r->buf_pos : n;
+        memcpy(d, r->buf + r->buf_pos, take);
+        r->buf_pos += take;
+        d += take;
+        n -= take;
+    }
+    return 1;
+}
+
+/* Reads n bytes into dst, inside the open section (and the input),
+   adding them to the section's checksum. */
+static int llmkv__rd(llmkv__src* r, void* dst, uint64_t n) {
+    if (r->err != LLMKV_OK) return 0;
+    if (n > r->limit - r->pos || (r->in_sec && n > r->sec_end - r->pos))
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "a record runs past the end of its section or the input");
+    if (!llmkv__src_raw(r, dst, (size_t)n)) return 0;
+    r->crc = llmkv__crc_update(r->crc_t, r->crc, dst, (size_t)n);
+    r->pos += n;
+    return 1;
+}
+
+/* Memory sources: n bytes in place (checksummed like llmkv__rd), or NULL. */
+static const unsigned char* llmkv__view(llmkv__src* r, uint64_t n) {
+    const unsigned char* p;
+    if (r->err != LLMKV_OK) return NULL;
+    if (n > r->limit - r->pos || (r->in_sec && n > r->sec_end - r->pos)) {
+        llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "a record runs past the end of its section or the input");
+        return NULL;
+    }
+    p = r->mem + r->pos;
+    r->crc = llmkv__crc_update(r->crc_t, r->crc, p, (size_t)n);
+    r->pos += n;
+    return p;
+}
+
+static int llmkv__sec_close(llmkv__src* r) {
+    unsigned char t[LLMKV__SECTION_TAIL];
+    uint32_t crc = ~r->crc;
+    if (r->err != LLMKV_OK) return 0;
+    if (r->pos != r->sec_end) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "a section holds more than its records");
+    r->in_sec = 0;
+    if (!llmkv__rd(r, t, sizeof t)) return 0;
+    if (llmkv__rd32(t) != crc || llmkv__rd32(t + 4) != 0)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "section %u: checksum mismatch (corrupt data)", r->n_sections);
+    r->fold = llmkv__fold(r->fold, crc);
+    r->n_sections++;
+    return 1;
+}
+
+/* Opens the next section, which must be `want` (sections of tags this
+   version does not know are checked and skipped). bytes: the body size it
+   must have, or UINT64_MAX for any (*got receives it when not NULL). */
+static int llmkv__sec_open(llmkv__src* r, uint32_t want, uint64_t bytes, uint64_t* got) {
+    for (;;) {
+        unsigned char h[LLMKV__SECTION_HEAD];
+        uint32_t tag;
+        uint64_t n;
+        r->in_sec = 0;
+        r->crc = 0xffffffffu;
+        if (!llmkv__rd(r, h, sizeof h)) return 0;
+        tag = llmkv__rd32(h);
+        n = llmkv__rd64(h + 8);
+        if (n > r->limit - r->pos)
+            return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "section %s is larger than the input", llmkv__tag_text(tag).s);
+        r->in_sec = 1;
+        r->sec_end = r->pos + n;
+        if (tag == want) {
+            if (bytes != UINT64_MAX && n != bytes)
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "section %s holds %llu bytes, expected %llu",
+                                  llmkv__tag_text(tag).s, (unsigned long long)n, (unsigned long long)bytes);
+            if (got) *got = n;
+            return 1;
+        }
+        if (llmkv__tag_known(tag))
+            return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "section %s where %s belongs", llmkv__tag_text(tag).s,
+                              llmkv__tag_text(want).s);
+        while (r->pos < r->sec_end) { /* a section of a later minor version */
+            unsigned char skip[256];
+            uint64_t k = r->sec_end - r->pos < sizeof skip ? r->sec_end - r->pos : sizeof skip;
+            if (!llmkv__rd(r, skip, k)) return 0;
+        }
+        if (!llmkv__sec_close(r)) return 0;
+    }
+}
+
+/* A whole fixed-size section into b. */
+static int llmkv__sec_read(llmkv__src* r, uint32_t tag, void* b, uint64_t bytes) {
+    return llmkv__sec_open(r, tag, bytes, NULL) && llmkv__rd(r, b, bytes) && llmkv__sec_close(r);
+}
+
+/* The 64-byte header: magic, version, checksum; *kind, *flags, *parent. */
+static int llmkv__rd_header(llmkv__src* r, uint32_t* kind, uint32_t* flags, uint64_t* parent) {
+    unsigned char h[LLMKV__HEADER_BYTES];
+    uint32_t major, minor;
+    uint64_t total;
+    r->limit = LLMKV__HEADER_BYTES;
+    if (r->mem && r->size < LLMKV__HEADER_BYTES)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "%llu bytes: too short for a header", (unsigned long long)r->size);
+    if (!llmkv__rd(r, h, sizeof h)) return 0;
+    if (memcmp(h, llmkv__magic, 8) != 0) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "not an llmkv file (bad magic)");
+    major = (uint32_t)h[8] | (uint32_t)h[9] << 8;
+    minor = (uint32_t)h[10] | (uint32_t)h[11] << 8;
+    if (major > LLMKV_FORMAT_MAJOR)
+        return llmkv__bad(r, LLMKV_ERR_VERSION, "format %u.%u is newer than this library's %u.%u", major, minor,
+                          LLMKV_FORMAT_MAJOR, LLMKV_FORMAT_MINOR);
+    if (major == 0) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "format version 0.%u does not exist", minor);
+    if (llmkv__rd32(h + 60) != ~llmkv__crc_update(r->crc_t, 0xffffffffu, h, 60))
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "header checksum mismatch (corrupt header)");
+    *kind = llmkv__rd32(h + 12);
+    *flags = llmkv__rd32(h + 20);
+    total = llmkv__rd64(h + 24);
+    *parent = llmkv__rd64(h + 32);
+    if (llmkv__rd32(h + 16) != LLMKV__HEADER_BYTES || (*flags & ~LLMKV__FLAG_PAGES) || *kind < LLMKV__KIND_CACHE ||
+        *kind > LLMKV__KIND_SEQ || total < LLMKV__HEADER_BYTES)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "header fields out of range");
+    if (r->mem && total != r->size)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the input holds %llu bytes, its header says %llu",
+                          (unsigned long long)r->size, (unsigned long long)total);
+    r->limit = total;
+    return 1;
+}
+
+/* The END record (identity and section count) and the end of the input.
+   *id receives the identity. */
+static int llmkv__rd_end(llmkv__src* r, uint64_t parent, uint64_t* id) {
+    unsigned char b[LLMKV__END_BYTES];
+    if (!llmkv__sec_open(r, LLMKV__T_END, LLMKV__END_BYTES, NULL) || !llmkv__rd(r, b, sizeof b)) return 0;
+    *id = llmkv__rd64(b);
+    if (*id != llmkv__identity(parent, r->fold) || llmkv__rd64(b + 8) != parent || llmkv__rd32(b + 16) != r->n_sections ||
+        llmkv__rd32(b + 20) != 0)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the end record does not match the sections before it");
+    if (!llmkv__sec_close(r)) return 0;
+    if (r->pos != r->limit) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "bytes after the end record");
+    if (r->file) { /* and nothing after it in the file */
+        unsigned char extra;
+        size_t got = 0;
+        if (r->buf_pos < r->buf_len) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "bytes after the end record");
+        if (r->ops->read(r->ops->user, r->file, &extra, 1, &got) != 0)
+            return llmkv__bad(r, LLMKV_ERR_IO, "read error at the end of the file");
+        if (got) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "bytes after the end record");
+    }
+    return 1;
+}
+
+/* CONF into a descriptor (shape, types, capacities; no callbacks). */
+static int llmkv__rd_conf(llmkv__src* r, llmkv_desc* d, uint64_t* page_bytes) {
+    unsigned char b[LLMKV__CONF_BYTES];
+    uint32_t kt, vt, st;
+    if (!llmkv__sec_read(r, LLMKV__T_CONF, b, sizeof b)) return 0;
+    kt = llmkv__rd32(b + 20);
+    vt = llmkv__rd32(b + 24);
+    st = llmkv__rd32(b + 28);
+    if (kt < LLMKV_DTYPE_F32 || kt > LLMKV_DTYPE_Q4C || vt < LLMKV_DTYPE_F32 || vt > LLMKV_DTYPE_Q4C ||
+        st > LLMKV_STORAGE_METADATA_ONLY)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "unknown storage type or mode (%u, %u, %u)", kt, vt, st);
+    memset(d, 0, sizeof *d);
+    d->n_layers = llmkv__rd32(b);
+    d->n_kv_heads = llmkv__rd32(b + 4);
+    d->head_dim = llmkv__rd32(b + 8);
+    d->page_size = llmkv__rd32(b + 12);
+    d->n_pages = llmkv__rd32(b + 16);
+    d->k_dtype = (llmkv_dtype)kt;
+    d->v_dtype = (llmkv_dtype)vt;
+    d->storage = (llmkv_storage)st;
+    d->max_seqs = llmkv__rd32(b + 32);
+    d->max_seq_len = llmkv__rd32(b + 36);
+    d->max_pending_copies = llmkv__rd32(b + 40);
+    d->prefix_index = llmkv__rd32(b + 44);
+    d->max_pins = llmkv__rd32(b + 48);
+    d->thread_safe = llmkv__rd32(b + 52);
+    *page_bytes = llmkv__rd64(b + 56);
+    if (d->page_size == 0 || d->n_pages == 0)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "page size %u, %u pages", d->page_size, d->n_pages);
+    return 1;
+}
+
+/* Same saved configuration (the callbacks aside). */
+static int llmkv__same_conf(const llmkv_desc* a, const llmkv_desc* b) {
+    return a->n_layers == b->n_layers && a->n_kv_heads == b->n_kv_heads && a->head_dim == b->head_dim &&
+           a->page_size == b->page_size && a->n_pages == b->n_pages && a->k_dtype == b->k_dtype &&
+           a->v_dtype == b->v_dtype && a->storage == b->storage && a->max_seqs == b->max_seqs &&
+           a->max_seq_len == b->max_seq_len && a->max_pending_copies == b->max_pending_copies &&
+           a->prefix_index == b->prefix_index && a->max_pins == b->max_pins && a->thread_safe == b->thread_safe;
+}
+
+/* Creates the cache a saved configuration describes. */
+static int llmkv__load_create(llmkv__src* r, const llmkv_desc* saved, uint64_t page_bytes, uint32_t flags,
+                              const llmkv_load_desc* ld, llmkv_cache** out) {
+    llmkv_desc d = *saved;
+    size_t need = 0;
+    llmkv_result e;
+    d.allocator = ld->allocator;
+    d.logger = ld->logger;
+    if (((flags & LLMKV__FLAG_PAGES) != 0) != (d.storage != LLMKV_STORAGE_METADATA_ONLY))
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the page-data flag contradicts the storage mode");
+    e = llmkv_cache_memory_size(&d, &need, NULL);
+    if (e == LLMKV_OK && ld->max_bytes && need > ld->max_bytes)
+        return llmkv__bad(r, LLMKV_ERR_OUT_OF_MEMORY, "the cache needs %llu bytes, more than max_bytes %llu",
+                          (unsigned long long)need, (unsigned long long)ld->max_bytes);
+    if (e == LLMKV_OK) e = llmkv_cache_create(&d, out);
+    if (e != LLMKV_OK)
+        return llmkv__bad(r, e == LLMKV_ERR_INVALID_ARGUMENT ? LLMKV_ERR_BAD_FORMAT : e,
+                          "the saved configuration cannot be created: %s", llmkv_result_string(e));
+    if (!llmkv__same_conf(&(*out)->desc, saved) || (*out)->layout.page_bytes != page_bytes)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the saved configuration is not one this library makes");
+    return 1;
+}
+
+/* F16 rows [0, rows) of every head of the staging of (slot, layer), from
+   the input. */
+static int llmkv__rd_staged(llmkv__src* r, llmkv_cache* kv, uint32_t slot, uint32_t layer, uint32_t rows) {
+    const llmkv_layout* l = &kv->layout;
+    uint32_t h;
+    for (h = 0; h < l->n_kv_heads && rows; ++h)
+        if (!llmkv__rd(r, llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim,
+                       (uint64_t)rows * l->head_dim * 2))
+            return 0;
+    return 1;
+}
+
+/* Everything after CONF of a whole cache or an increment, into kv (fresh,
+   or holding the previous input of the chain: the metadata is replaced,
+   and pages the input holds are overwritten). dirty[p] marks the pages
+   whose bytes some input of the chain held. */
+static int llmkv__load_body(llmkv__src* r, llmkv_cache* kv, int base, uint64_t parent, uint64_t* id) {
+    const llmkv_layout* l = &kv->layout;
+    const llmkv_desc* d = &kv->desc;
+    uint32_t n = kv->n_pages, L = l->n_layers, ps = l->page_size, i, j, live = 0;
+    uint64_t entries = 0, used = 0, bytes, count;
+    unsigned char b[LLMKV__STAT_BYTES];
+    char msg[160];
+    if (!llmkv__sec_read(r, LLMKV__T_STAT, b, sizeof b)) return 0;
+    kv->n_free = llmkv__rd32(b);
+    kv->n_live = llmkv__rd32(b + 4);
+    kv->free_head = llmkv__rd32(b + 8);
+    kv->free_tail = llmkv__rd32(b + 12);
+    kv->copy_count = llmkv__rd32(b + 44);
+    kv->epoch = llmkv__rd64(b + 56);
+    if (kv->nodes) {
+        kv->lru_head = llmkv__rd32(b + 16);
+        kv->lru_tail = llmkv__rd32(b + 20);
+        kv->n_evictable = llmkv__rd32(b + 24);
+        kv->n_cached = llmkv__rd32(b + 28);
+        kv->n_pinned_pages = llmkv__rd32(b + 32);
+        kv->pin_free = llmkv__rd32(b + 36);
+        kv->n_pins = llmkv__rd32(b + 40);
+        kv->n_evictions = llmkv__rd64(b + 64);
+        kv->tokens_matched = llmkv__rd64(b + 72);
+        kv->tokens_missed = llmkv__rd64(b + 80);
+    }
+    kv->copy_head = 0;
+    kv->mark = 0;
+    if (kv->n_free > n || kv->copy_count > kv->copy_cap)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "%u free pages of %u, %u copies queued of %u", kv->n_free, n,
+                          kv->copy_count, kv->copy_cap);
+    if (!llmkv__sec_read(r, LLMKV__T_REFC, kv->refcount, (uint64_t)n * 4) ||
+        !llmkv__sec_read(r, LLMKV__T_FREE, kv->free_pages, (uint64_t)kv->n_free * 4))
+        return 0;
+    if (!llmkv__sec_open(r, LLMKV__T_SEQS, (uint64_t)d->max_seqs * LLMKV__SEQ_RECORD, NULL)) return 0;
+    for (i = 0; i < d->max_seqs; ++i) {
+        llmkv__seq* q = &kv->seqs[i];
+        unsigned char rec[LLMKV__SEQ_RECORD];
+        if (!llmkv__rd(r, rec, sizeof rec)) return 0;
+        q->gen = llmkv__rd32(rec);
+        q->live = llmkv__rd32(rec + 4);
+        q->length = llmkv__rd32(rec + 8);
+        q->n_pages = llmkv__rd32(rec + 12);
+        q->next_free = llmkv__rd32(rec + 16);
+        q->n_pub = llmkv__rd32(rec + 20);
+        q->tok_gap = llmkv__rd32(rec + 24);
+        q->epoch = llmkv__rd64(rec + 32);
+        q->ns = llmkv__rd64(rec + 40);
+        q->mark = 0;
+        if (q->live > 1 || q->n_pages > kv->max_pages_per_seq)
+            return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "sequence slot %u: out of range", i);
+        live += q->live;
+        if (q->live) entries += q->n_pages;
+    }
+    if (!llmkv__sec_close(r) || !llmkv__sec_open(r, LLMKV__T_TABL, entries * 4, NULL)) return 0;
+    for (i = 0; i < d->max_seqs; ++i)
+        if (kv->seqs[i].live && !llmkv__rd(r, llmkv__table(kv, i), (uint64_t)kv->seqs[i].n_pages * 4)) return 0;
+    if (!llmkv__sec_close(r)) return 0;
+    for (i = 0; i < n; ++i) used += kv->refcount[i] != 0;
+    if (kv->nodes) {
+        uint64_t e;
+        memset(kv->written, 0, (size_t)d->max_seqs * L * 2 * 4);
+        if (!llmkv__sec_open(r, LLMKV__T_WRIT, (uint64_t)live * L * 2 * 4, NULL)) return 0;
+        for (i = 0; i < d->max_seqs; ++i)
+            if (kv->seqs[i].live && !llmkv__rd(r, llmkv__written(kv, i), (uint64_t)L * 2 * 4)) return 0;
+        if (!llmkv__sec_close(r)) return 0;
+        for (e = 0; e < (uint64_t)n * ps; ++e) kv->tok[e] = -1;
+        if (!llmkv__sec_open(r, LLMKV__T_TOKS, used * ps * 4, NULL)) return 0;
+        for (i = 0; i < n; ++i)
+            if (kv->refcount[i] && !llmkv__rd(r, kv->tok + (size_t)i * ps, (uint64_t)ps * 4)) return 0;
+        if (!llmkv__sec_close(r)) return 0;
+        for (e = 0; e < (uint64_t)n * ps; ++e)
+            if (kv->tok[e] < -1) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "token id %d", (int)kv->tok[e]);
+        memset(kv->nodes, 0, (size_t)n * sizeof(llmkv__node));
+        if (!llmkv__sec_open(r, LLMKV__T_NODE, UINT64_MAX, &bytes)) return 0;
+        count = bytes / LLMKV__NODE_RECORD;
+        if (bytes % LLMKV__NODE_RECORD || count > n) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "node section size");
+        for (e = 0, j = 0; e < count; ++e) {
+            unsigned char rec[LLMKV__NODE_RECORD];
+            uint32_t p;
+            llmkv__node* x;
+            if (!llmkv__rd(r, rec, sizeof rec)) return 0;
+            p = llmkv__rd32(rec);
+            if (p >= n || (e && p <= j) || llmkv__rd32(rec + 8) == 0)
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "node record %llu: page %u", (unsigned long long)e, p);
+            j = p;
+            x = &kv->nodes[p];
+            x->parent = llmkv__rd32(rec + 4);
+            x->ntok = llmkv__rd32(rec + 8);
+            x->n_children = llmkv__rd32(rec + 12);
+            x->pins = llmkv__rd32(rec + 16);
+            x->hash_full = llmkv__rd32(rec + 20);
+            x->tok0 = (llmkv_token)llmkv__rd32(rec + 24);
+            x->full_next = llmkv__rd32(rec + 28);
+            x->full_prev = llmkv__rd32(rec + 32);
+            x->first_next = llmkv__rd32(rec + 36);
+            x->first_prev = llmkv__rd32(rec + 40);
+            x->lru_next = llmkv__rd32(rec + 44);
+            x->lru_prev = llmkv__rd32(rec + 48);
+            x->ns = llmkv__rd64(rec + 56);
+            x->chain = llmkv__rd64(rec + 64);
+        }
+        if (!llmkv__sec_close(r) || !llmkv__sec_read(r, LLMKV__T_HEAD, kv->heads, (uint64_t)kv->n_buckets * 2 * 4))
+            return 0;
+        if (!llmkv__sec_open(r, LLMKV__T_PINS, (uint64_t)d->max_pins * LLMKV__PIN_RECORD, NULL)) return 0;
+        for (i = 0; i < d->max_pins; ++i) {
+            unsigned char rec[LLMKV__PIN_RECORD];
+            llmkv__pin* pn = &kv->pins[i];
+            if (!llmkv__rd(r, rec, sizeof rec)) return 0;
+            pn->gen = llmkv__rd32(rec);
+            pn->live = llmkv__rd32(rec + 4);
+            pn->node = llmkv__rd32(rec + 8);
+            pn->next_free = llmkv__rd32(rec + 12);
+            if (pn->gen == 0 || pn->gen > kv->pin_ids.gen_max || pn->live > 1)
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "pin slot %u: out of range", i);
+        }
+        if (!llmkv__sec_close(r)) return 0;
+    }
+    if (kv->kfill) {
+        uint64_t e, staged = 0;
+        for (e = 0; e < (uint64_t)d->max_seqs * L; ++e) kv->kfill[e] = LLMKV__NO_SLOT;
+        if (!llmkv__sec_open(r, LLMKV__T_KFIL, (uint64_t)live * L * 4, NULL)) return 0;
+        for (i = 0; i < d->max_seqs; ++i)
+            if (kv->seqs[i].live && !llmkv__rd(r, kv->kfill + (size_t)i * L, (uint64_t)L * 4)) return 0;
+        if (!llmkv__sec_close(r)) return 0;
+        for (i = 0; i < d->max_seqs; ++i)
+            for (j = 0; kv->seqs[i].live && j < L; ++j)
+                staged += (uint64_t)llmkv__staged_rows(kv, i, j) * l->n_kv_heads * l->head_dim * 2;
+        if (!llmkv__sec_open(r, LLMKV__T_STAG, staged, NULL)) return 0;
+        for (i = 0; i < d->max_seqs; ++i)
+            for (j = 0; kv->seqs[i].live && j < L; ++j)
+                if (!llmkv__rd_staged(r, kv, i, j, llmkv__staged_rows(kv, i, j))) return 0;
+        if (!llmkv__sec_close(r)) return 0;
+    }
+    if (kv->copies) {
+        if (!llmkv__sec_open(r, LLMKV__T_COPY, (uint64_t)kv->copy_count * LLMKV__COPY_RECORD, NULL)) return 0;
+        for (i = 0; i < kv->copy_count; ++i) {
+            unsigned char rec[LLMKV__COPY_RECORD];
+            if (!llmkv__rd(r, rec, sizeof rec)) return 0;
+            kv->copies[i].src_page = llmkv__rd32(rec);
+            kv->copies[i].dst_page = llmkv__rd32(rec + 4);
+            kv->copies[i].n_slots = llmkv__rd32(rec + 8);
+        }
+        if (!llmkv__sec_close(r)) return 0;
+    }
+    if (kv->pool) { /* page ids (into scratch, cleared after), then their bytes */
+        unsigned char c4[4];
+        if (!llmkv__sec_open(r, LLMKV__T_PIDS, UINT64_MAX, &bytes) || !llmkv__rd(r, c4, 4)) return 0;
+        count = llmkv__rd32(c4);
+        if (count > n || bytes != 4 + count * 4 || (base && count != used))
+            return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "%llu saved pages (%llu in use)", (unsigned long long)count,
+                              (unsigned long long)used);
+        if (!llmkv__rd(r, kv->scratch, count * 4) || !llmkv__sec_close(r)) goto fail_pages;
+        for (i = 0; i < count; ++i)
+            if (kv->scratch[i] >= n || (i && kv->scratch[i] <= kv->scratch[i - 1]) || !kv->refcount[kv->scratch[i]]) {
+                llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "saved page %u: id %u out of order or not in use", i,
+                           kv->scratch[i]);
+                goto fail_pages;
+            }
+        if (!llmkv__sec_open(r, LLMKV__T_PDAT, count * l->page_bytes, NULL)) goto fail_pages;
+        for (i = 0; i < count; ++i) {
+            if (!llmkv__rd(r, kv->pool + (size_t)kv->scratch[i] * l->page_bytes, l->page_bytes)) goto fail_pages;
+            kv->dirty[kv->scratch[i]] = 1;
+        }
+        memset(kv->scratch, 0, (size_t)count * 4);
+        if (!llmkv__sec_close(r)) return 0;
+        for (i = 0; i < n; ++i)
+            if (kv->refcount[i] && !kv->dirty[i])
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "page %u is in use but no input holds its bytes", i);
+    }
+    if (!llmkv__rd_end(r, parent, id)) return 0;
+    if (llmkv__check(kv, msg, sizeof msg) != LLMKV_OK) {
+        memset(kv->scratch, 0, (size_t)n * 4);
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "inconsistent: %s", msg);
+    }
+    memset(kv->scratch, 0, (size_t)n * 4);
+    return 1;
+fail_pages:
+    memset(kv->scratch, 0, (size_t)n * 4);
+    return 0;
+}
+
+/* One input of a load: the whole cache (index 0, creating *kv) or an
+   increment on top of the previous input, whose identity is *prev. */
+static void llmkv__load_one(llmkv__src* r, llmkv_cache** kv, const llmkv_load_desc* ld, uint64_t* prev) {
+    uint32_t kind, flags;
+    uint64_t parent, page_bytes, id;
+    llmkv_desc d;
+    if (!llmkv__rd_header(r, &kind, &flags, &parent)) return;
+    if (kind != (r->index ? LLMKV__KIND_INCREMENT : LLMKV__KIND_CACHE)) {
+        llmkv__bad(r, LLMKV_ERR_MISMATCH, "a %s where %s belongs",
+                   kind == LLMKV__KIND_SEQ ? "sequence export" : kind == LLMKV__KIND_CACHE ? "whole cache" : "increment",
+                   r->index ? "an increment" : "a whole cache");
+        return;
+    }
+    if (r->index && parent != *prev) {
+        llmkv__bad(r, LLMKV_ERR_MISMATCH, "this increment does not build on input %u", r->index - 1);
+        return;
+    }
+    if (!llmkv__rd_conf(r, &d, &page_bytes)) return;
+    if (!r->index) {
+        if (!llmkv__load_create(r, &d, page_bytes, flags, ld, kv)) return;
+    } else if (!llmkv__same_conf(&d, &(*kv)->desc) || page_bytes != (*kv)->layout.page_bytes) {
+        llmkv__bad(r, LLMKV_ERR_MISMATCH, "the increment's configuration differs from the cache's");
+        return;
+    }
+    if (!llmkv__load_body(r, *kv, r->index == 0, parent, &id)) return;
+    *prev = id;
+}
+
+/* The inputs of a load: n buffers, or n files. */
+typedef struct llmkv__load_in {
+    const void* const* buffers;
+    const size_t* sizes;
+    const char* const* paths;
+    uint32_t n;
+} llmkv__load_in;
+
+static llmkv_result llmkv__load(const llmkv__load_in* in, const llmkv_load_desc* ld_in, llmkv_cache** out) {
+    llmkv_load_desc ld;
+    llmkv_allocator a;
+    llmkv_file_ops ops;
+    llmkv__crc32c* ct;
+    unsigned char* fbuf = NULL;
+    llmkv_cache* kv = NULL;
+    llmkv_result e = LLMKV_OK;
+    uint64_t prev = 0;
+    uint32_t i;
+    if (out) *out = NULL;
+    if (!out || in->n == 0 || (in->paths ? 0 : !in->buffers || !in->sizes)) return LLMKV_ERR_INVALID_ARGUMENT;
+    memset(&ld, 0, sizeof ld);
+    if (ld_in) ld = *ld_in;
+    if (!ld.allocator.alloc != !ld.allocator.free) return LLMKV_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < in->n; ++i)
+        if (in->paths ? !in->paths[i] : !in->buffers[i]) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!llmkv__little_endian()) return LLMKV_ERR_UNSUPPORTED;
+    if (in->paths && !llmkv__file_ops(ld.file_ops, &ops)) {
+        llmkv__log(&ld.logger, LLMKV_LOG_ERROR, "llmkv: no file operations in this build (pass llmkv_file_ops)");
+        return LLMKV_ERR_UNSUPPORTED;
+    }
+    a = llmkv__allocator_or_default(&ld.allocator);
+    ct = (llmkv__crc32c*)a.alloc(sizeof *ct, LLMKV__ALIGN, a.user);
+    if (in->paths && ct) fbuf = (unsigned char*)a.alloc(LLMKV__IO_BUFFER, LLMKV__ALIGN, a.user);
+    if (!ct || (in->paths && !fbuf)) {
+        if (ct) a.free(ct, sizeof *ct, a.user);
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+    llmkv__crc_init(ct);
+    for (i = 0; i < in->n && e == LLMKV_OK; ++i) {
+        llmkv__src r;
+        memset(&r, 0, sizeof r);
+        r.crc_t = ct;
+        r.lg = &ld.logger;
+        r.index = i;
+        if (in->paths) {
+            r.ops = &ops;
+            r.buf = fbuf;
+            r.file = ops.open_read(ops.user, in->paths[i]);
+            if (!r.file) {
+                llmkv__log(&ld.logger, LLMKV_LOG_ERROR, "llmkv: cannot open %s", in->paths[i]);
+                e = LLMKV_ERR_IO;
+                break;
+            }
+        } else {
+            r.mem = (const unsigned char*)in->buffers[i];
+            r.size = in->sizes[i];
+        }
+        llmkv__load_one(&r, &kv, &ld, &prev);
+        if (r.file) ops.close(ops.user, r.file);
+        e = r.err;
+    }
+    if (e == LLMKV_OK) {
+        if (kv->dirty) memset(kv->dirty, 0, kv->n_pages);
+        kv->ckpt_id = prev;
+        *out = kv;
+    } else {
+        llmkv_cache_destroy(kv);
+    }
+    a.free(ct, sizeof *ct, a.user);
+    if (fbuf) a.free(fbuf, LLMKV__IO_BUFFER, a.user);
+    return e;
+}
+
+LLMKV_API llmkv_result llmkv_cache_load_mem(const void* const* buffers, const size_t* sizes, uint32_t n,
+                                            const llmkv_load_desc* ld, llmkv_cache** out) {
+    llmkv__load_in in;
+    memset(&in, 0, sizeof in);
+    in.buffers = buffers;
+    in.sizes = sizes;
+    in.n = n;
+    return llmkv__load(&in, ld, out);
+}
+
+LLMKV_API llmkv_result llmkv_cache_load_file(const char* const* paths, uint32_t n, const llmkv_load_desc* ld,
+                                             llmkv_cache** out) {
+    llmkv__load_in in;
+    memset(&in, 0, sizeof in);
+    in.paths = paths;
+    in.n = n;
+    if (!paths) {
+        if (out) *out = NULL;
+        return LLMKV_ERR_INVALID_ARGUMENT;
+    }
+    return llmkv__load(&in, ld, out);
+}
+
+/* --- Sequence import ----------------------------------------------------- */
+
+/* A parsed, fully checked sequence export (views into the caller's buffer). */
+typedef struct llmkv__seqfile {
+    llmkv_desc desc;
+    llmkv_layout layout;
+    uint32_t length, n_pages, known; /* known: positions before the first unknown token */
+    uint64_t ns;
+    const unsigned char *written, *tokens, *kfill, *stage, *pages;
+} llmkv__seqfile;
+
+static uint32_t llmkv__file_rows(const llmkv__seqfile* f, uint32_t layer) {
+    uint32_t kf = llmkv__rd32(f->kfill + 4 * layer);
+    if (kf == LLMKV__NO_SLOT) return 0;
+    return f->length - kf < f->layout.page_size ? f->length - kf : f->layout.page_size;
+}
+
+static int llmkv__parse_seq(llmkv__src* r, llmkv__seqfile* f) {
+    uint32_t kind, flags, i, ps, L;
+    uint64_t parent, page_bytes, id, staged = 0;
+    unsigned char b[LLMKV__SEQ1_BYTES];
+    llmkv_desc d;
+    memset(f, 0, sizeof *f);
+    if (!llmkv__rd_header(r, &kind, &flags, &parent)) return 0;
+    if (kind != LLMKV__KIND_SEQ)
+        return llmkv__bad(r, LLMKV_ERR_MISMATCH, "a whole cache or increment where a sequence export belongs");
+    if (!(flags & LLMKV__FLAG_PAGES) || parent != 0 || !llmkv__rd_conf(r, &d, &page_bytes)) {
+        if (r->err == LLMKV_OK) llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "header fields out of range");
+        return 0;
+    }
+    d.logger = *r->lg;
+    if (d.storage != LLMKV_STORAGE_DEFAULT || llmkv__desc_shape(&d, &f->desc) != LLMKV_OK)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the exporting cache's configuration is invalid");
+    llmkv__layout(&f->desc, &f->layout);
+    if (f->layout.page_bytes != page_bytes)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "the saved page size is not one this library makes");
+    ps = f->layout.page_size;
+    L = f->layout.n_layers;
+    if (!llmkv__sec_read(r, LLMKV__T_SEQ1, b, sizeof b)) return 0;
+    f->length = llmkv__rd32(b);
+    f->n_pages = llmkv__rd32(b + 4);
+    f->ns = llmkv__rd64(b + 16);
+    if (f->length > LLMKV__MAX_LEN || f->n_pages != llmkv__div_up(f->length, ps) || llmkv__rd64(b + 8) != 0)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "%u positions in %u pages", f->length, f->n_pages);
+    if (f->desc.prefix_index) {
+        if (!llmkv__sec_open(r, LLMKV__T_WRIT, (uint64_t)L * 2 * 4, NULL) ||
+            !(f->written = llmkv__view(r, (uint64_t)L * 2 * 4)) || !llmkv__sec_close(r) ||
+            !llmkv__sec_open(r, LLMKV__T_TOKS, (uint64_t)f->length * 4, NULL) ||
+            !(f->tokens = llmkv__view(r, (uint64_t)f->length * 4)) || !llmkv__sec_close(r))
+            return 0;
+        for (i = 0; i < L * 2; ++i)
+            if (llmkv__rd32(f->written + 4 * i) > f->length)
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "written mark past the length");
+        for (f->known = f->length, i = 0; i < f->length; ++i) {
+            int32_t t = (int32_t)llmkv__rd32(f->tokens + 4 * i);
+            if (t < -1) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "token id %d", (int)t);
+            if (t < 0 && f->known == f->length) f->known = i;
+        }
+    }
+    if (llmkv__dtype_channel(f->desc.k_dtype)) {
+        if (!llmkv__sec_open(r, LLMKV__T_KFIL, (uint64_t)L * 4, NULL) || !(f->kfill = llmkv__view(r, (uint64_t)L * 4)) ||
+            !llmkv__sec_close(r))
+            return 0;
+        for (i = 0; i < L; ++i) {
+            uint32_t kf = llmkv__rd32(f->kfill + 4 * i);
+            if (kf != LLMKV__NO_SLOT && (kf % ps || kf >= f->length))
+                return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "staged page at %u of %u positions", kf, f->length);
+            staged += (uint64_t)llmkv__file_rows(f, i) * f->layout.n_kv_heads * f->layout.head_dim * 2;
+        }
+        if (!llmkv__sec_open(r, LLMKV__T_STAG, staged, NULL) || !(f->stage = llmkv__view(r, staged)) ||
+            !llmkv__sec_close(r))
+            return 0;
+    }
+    if (f->n_pages > (r->limit - r->pos) / page_bytes)
+        return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "%u pages do not fit the input", f->n_pages);
+    if (!llmkv__sec_open(r, LLMKV__T_PDAT, (uint64_t)f->n_pages * page_bytes, NULL) ||
+        !(f->pages = llmkv__view(r, (uint64_t)f->n_pages * page_bytes)) || !llmkv__sec_close(r))
+        return 0;
+    return llmkv__rd_end(r, 0, &id);
+}
+
+/* Copies the staged F16 keys of the export into the staging of (slot,
+   layer) of kv, which has the export's page size. */
+static void llmkv__put_staged(llmkv_cache* kv, uint32_t slot, const llmkv__seqfile* f) {
+    const llmkv_layout* l = &kv->layout;
+    const unsigned char* src = f->stage;
+    uint32_t layer, h;
+    for (layer = 0; layer < l->n_layers; ++layer) {
+        uint32_t rows = llmkv__file_rows(f, layer);
+        kv->kfill[(size_t)slot * l->n_layers + layer] = llmkv__rd32(f->kfill + 4 * layer);
+        for (h = 0; h < l->n_kv_heads && rows; ++h) {
+            size_t n = (size_t)rows * l->head_dim * 2;
+            memcpy(llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim, src, n);
+            src += n;
+        }
+    }
+}
+
+/* The conversion path's source: a private cache of the export's
+   configuration holding the sequence, read back with llmkv_gather. */
+static llmkv_result llmkv__import_source(const llmkv__seqfile* f, const llmkv_allocator* a, llmkv_cache** out,
+                                         llmkv_seq* seq) {
+    llmkv_desc d;
+    llmkv_cache* kv;
+    const uint32_t* t;
+    uint32_t k, slot = 0;
+    llmkv_result e;
+    memset(&d, 0, sizeof d);
+    d.n_layers = f->desc.n_layers;
+    d.n_kv_heads = f->desc.n_kv_heads;
+    d.head_dim = f->desc.head_dim;
+    d.page_size = f->desc.page_size;
+    d.k_dtype = f->desc.k_dtype;
+    d.v_dtype = f->desc.v_dtype;
+    d.n_pages = f->n_pages ? f->n_pages : 1;
+    d.max_seqs = 1;
+    d.allocator = *a;
+    if ((e = llmkv_cache_create(&d, out)) != LLMKV_OK) return e == LLMKV_ERR_INVALID_ARGUMENT ? LLMKV_ERR_OUT_OF_MEMORY : e;
+    kv = *out;
+    llmkv__seq_create_unlocked(kv, seq);
+    if (llmkv__reserve(kv, seq, &f->length, NULL, 1) != LLMKV_OK) { /* cannot fail: the pages are there */
+        llmkv_cache_destroy(kv);
+        *out = NULL;
+        return LLMKV_ERR_OUT_OF_MEMORY;
+    }
+    llmkv__lookup(kv, *seq, &slot);
+    t = llmkv__table(kv, slot);
+    for (k = 0; k < f->n_pages; ++k)
+        memcpy(kv->pool + (size_t)t[k] * kv->layout.page_bytes, f->pages + (size_t)k * kv->layout.page_bytes,
+               (size_t)kv->layout.page_bytes);
+    if (f->kfill) llmkv__put_staged(kv, slot, f);
+    return LLMKV_OK;
+}
+
+/* Allocations an import may need, freed together. */
+typedef struct llmkv__import_tmp {
+    const llmkv_allocator* a;
+    llmkv__crc32c* ct;
+    llmkv_token* tokens;   /* the export's ids, aligned */
+    size_t tokens_bytes;
+    float* rows;           /* conversion: K then V rows of one target page */
+    size_t rows_bytes;
+    llmkv_cache* src;      /* conversion: the export as a cache */
+    llmkv_seq src_seq;
+} llmkv__import_tmp;
+
+static void llmkv__import_tmp_free(llmkv__import_tmp* x) {
+    if (x->ct) x->a->free(x->ct, sizeof *x->ct, x->a->user);
+    if (x->tokens) x->a->free(x->tokens, x->tokens_bytes, x->a->user);
+    if (x->rows) x->a->free(x->rows, x->rows_bytes, x->a->user);
+    llmkv_cache_destroy(x->src);
+}
+
+static llmkv_result llmkv__seq_import_unlocked(llmkv_cache* kv, const void* data, size_t size, llmkv_seq* out,
+                                               uint32_t* n_shared) {
+    const llmkv_layout* l;
+    llmkv__import_tmp x;
+    llmkv__seqfile f;
+    llmkv__src r;
+    llmkv__seq* s;
+    uint32_t ps, n_pages, slot, d = 0, node, cand, lcp, k, held = 0, layer, part;
+    uint32_t* t;
+    int same;
+    llmkv_result e = LLMKV_OK;
+    if (out) out->id = 0;
+    if (n_shared) *n_shared = 0;
+    if (!kv || !data || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    if (!kv->pool) return LLMKV_ERR_NO_PAGE_DATA;
+    if (!llmkv__little_endian()) return LLMKV_ERR_UNSUPPORTED;
+    l = &kv->layout;
+    ps = l->page_size;
+    memset(&x, 0, sizeof x);
+    x.a = &kv->alloc;
+    x.ct = (llmkv__crc32c*)kv->alloc.alloc(sizeof *x.ct, LLMKV__ALIGN, kv->alloc.user);
+    if (!x.ct) return LLMKV_ERR_OUT_OF_MEMORY;
+    llmkv__crc_init(x.ct);
+    memset(&r, 0, sizeof r);
+    r.crc_t = x.ct;
+    r.lg = &kv->desc.logger;
+    r.mem = (const unsigned char*)data;
+    r.size = size;
+    if (!llmkv__parse_seq(&r, &f)) {
+        e = r.err;
+        goto done;
+    }
+    if (f.desc.n_layers != l->n_layers || f.desc.n_kv_heads != l->n_kv_heads || f.desc.head_dim != l->head_dim) {
+        llmkv__log(&kv->desc.logger, LLMKV_LOG_ERROR,
+                   "llmkv: the sequence has %u layers x %u KV heads x %u dims, the cache %u x %u x %u",
+                   f.desc.n_layers, f.desc.n_kv_heads, f.desc.head_dim, l->n_layers, l->n_kv_heads, l->head_dim);
+        e = LLMKV_ERR_MISMATCH;
+        goto done;
+    }
+    if (f.length > kv->desc.max_seq_len) {
+        e = LLMKV_ERR_SEQUENCE_TOO_LONG;
+        goto done;
+    }
+    if (kv->free_head == LLMKV__NO_SLOT) {
+        e = LLMKV_ERR_TOO_MANY_SEQUENCES;
+        goto done;
+    }
+    same = f.layout.page_size == ps && f.desc.k_dtype == kv->desc.k_dtype && f.desc.v_dtype == kv->desc.v_dtype;
+    n_pages = llmkv__div_up(f.length, ps);
+    slot = kv->free_head;
+    t = llmkv__table(kv, slot);
+    if (f.tokens && kv->nodes) { /* whole cached pages of the known prefix are shared */
+        x.tokens_bytes = (size_t)f.length * sizeof(llmkv_token) + 1;
+        x.tokens = (llmkv_token*)kv->alloc.alloc(x.tokens_bytes, LLMKV__ALIGN, kv->alloc.user);
+        if (!x.tokens) {
+            e = LLMKV_ERR_OUT_OF_MEMORY;
+            goto done;
+        }
+        for (k = 0; k < f.length; ++k) x.tokens[k] = (llmkv_token)llmkv__rd32(f.tokens + 4 * k);
+        if (f.known >= ps) llmkv__prefix_walk(kv, f.ns, x.tokens, f.known, t, &d, &node, &cand, &lcp);
+        for (k = 0; k < d; ++k) held += (uint32_t)llmkv__evictable(kv, t[k]);
+    }
+    if ((uint64_t)(n_pages - d) + held > llmkv__avail(kv)) {
+        e = LLMKV_ERR_OUT_OF_PAGES;
+        goto done;
+    }
+    if (!same) {
+        x.rows_bytes = (size_t)2 * ps * l->n_kv_heads * l->head_dim * sizeof(float);
+        x.rows = (float*)kv->alloc.alloc(x.rows_bytes, LLMKV__ALIGN, kv->alloc.user);
+        if (!x.rows || (e = llmkv__import_source(&f, &kv->alloc, &x.src, &x.src_seq)) != LLMKV_OK) {
+            e = LLMKV_ERR_OUT_OF_MEMORY;
+            goto done;
+        }
+    }
+    /* Nothing fails from here on. */
+    llmkv__seq_create_unlocked(kv, out);
+    s = &kv->seqs[slot];
+    s->ns = f.ns;
+    for (k = 0; k < d; ++k) llmkv__page_hold(kv, t[k]);
+    for (k = d; k < n_pages; ++k) t[k] = llmkv__page_take(kv);
+    s->length = f.length;
+    s->n_pages = n_pages;
+    s->n_pub = d;
+    if (kv->tok) {
+        for (k = d * ps; k < n_pages * ps; ++k) kv->tok[(size_t)t[k / ps] * ps + k % ps] = x.tokens && k < f.length ? x.tokens[k] : -1;
+        if (f.length == 0 || (x.tokens && f.known == f.length)) s->tok_gap = LLMKV__NO_SLOT;
+        else s->tok_gap = x.tokens ? f.known : 0;
+    }
+    if (same) {
+        for (k = d; k < n_pages; ++k)
+            memcpy(kv->pool + (size_t)t[k] * l->page_bytes, f.pages + (size_t)k * l->page_bytes, (size_t)l->page_bytes);
+        if (f.kfill) {
+            llmkv__put_staged(kv, slot, &f);
+            for (layer = 0; layer < l->n_layers; ++layer) { /* a page the cache shared is quantized already */
+                uint32_t* kf = &kv->kfill[(size_t)slot * l->n_layers + layer];
+                if (*kf != LLMKV__NO_SLOT && *kf / ps < d) *kf = LLMKV__NO_SLOT;
+            }
+        }
+    } else {
+        size_t row = (size_t)l->n_kv_heads * l->head_dim;
+        for (layer = 0; layer < l->n_layers; ++layer)
+            for (k = d; k < n_pages; ++k) {
+                uint32_t lo = k * ps, hi = f.length < lo + ps ? f.length : lo + ps;
+                llmkv_gather(x.src, x.src_seq, layer, lo, hi - lo, x.rows, 0, x.rows + (size_t)ps * row, 0,
+                             LLMKV_DTYPE_F32);
+                llmkv__put_rows(kv, slot, layer, lo, hi, x.rows, row * 4, x.rows + (size_t)ps * row, row * 4,
+                                LLMKV_DTYPE_F32);
+            }
+    }
+    if (kv->written)
+        for (layer = 0; layer < l->n_layers; ++layer)
+            for (part = 0; part < 2; ++part) {
+                uint32_t w = f.written ? llmkv__rd32(f.written + 4 * (layer * 2 + part)) : f.length;
+                llmkv__written(kv, slot)[layer * 2 + part] = w > d * ps ? w : d * ps;
+            }
+    s->epoch = ++kv->epoch;
+    if (kv->nodes) llmkv__publish(kv, slot, 0);
+    if (n_shared) *n_shared = d * ps;
+done:
+    llmkv__import_tmp_free(&x);
+    return e;
+}
+
+LLMKV_API llmkv_result llmkv_seq_import(llmkv_cache* cache, const void* data, size_t size, llmkv_seq* out,
+                                        uint32_t* n_shared) {
+    LLMKV__RETURN_LOCKED(cache, llmkv__seq_import_unlocked(cache, data, size, out, n_shared));
+}
+
+/* A whole file into memory from the allocator (its header says how large
+   it is). */
+static llmkv_result llmkv__read_file(const char* path, const llmkv_file_ops* user_ops, const llmkv_allocator* a,
+                                     const llmkv_logger* lg, unsigned char** data, size_t* size) {
+    llmkv_file_ops ops;
+    unsigned char h[LLMKV__HEADER_BYTES], extra;
+    void* f;
+    size_t got = 0;
+    uint64_t total;
+    llmkv_result e = LLMKV_OK;
+    *data = NULL;
+    *size = 0;
+    if (!llmkv__file_ops(user_ops, &ops)) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: no file operations in this build (pass llmkv_file_ops)");
+        return LLMKV_ERR_UNSUPPORTED;
+    }
+    f = ops.open_read(ops.user, path);
+    if (!f) {
+        llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: cannot open %s", path);
+        return LLMKV_ERR_IO;
+    }
+    if (ops.read(ops.user, f, h, sizeof h, &got) != 0) {
+        e = LLMKV_ERR_IO;
+    } else if (got < sizeof h || memcmp(h, llmkv__magic, 8) != 0) {
+        e = LLMKV_ERR_BAD_FORMAT;
+    } else {
+        total = llmkv__rd64(h + 24);
+        if (total < sizeof h || total > (uint64_t)(size_t)-1 / 2) {
+            e = LLMKV_ERR_BAD_FORMAT;
+        } else if (!(*data = (unsigned char*)a->alloc((size_t)total, LLMKV__ALIGN, a->user))) {
+            e = LLMKV_ERR_OUT_OF_MEMORY;
+        } else {
+            *size = (size_t)total;
+            memcpy(*data, h, sizeof h);
+            if (ops.read(ops.user, f, *data + sizeof h, *size - sizeof h, &got) != 0)
+                e = LLMKV_ERR_IO;
+            else if (got != *size - sizeof h) /* shorter than its header says */
+                e = LLMKV_ERR_BAD_FORMAT;
+            else if (ops.read(ops.user, f, &extra, 1, &got) != 0)
+                e = LLMKV_ERR_IO;
+            else if (got != 0) /* longer */
+                e = LLMKV_ERR_BAD_FORMAT;
+        }
+    }
+    ops.close(ops.user, f);
+    if (e == LLMKV_ERR_IO) llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: cannot read %s", path);
+    if (e == LLMKV_ERR_BAD_FORMAT) llmkv__log(lg, LLMKV_LOG_ERROR, "llmkv: %s is not an llmkv file or is truncated", path);
+    if (e != LLMKV_OK && *data) {
+        a->free(*data, *size, a->user);
+        *data = NULL;
+    }
+    return e;
+}
+
+LLMKV_API llmkv_result llmkv_seq_import_file(llmkv_cache* cache, const char* path, const llmkv_file_ops* ops,
+                                             llmkv_seq* out, uint32_t* n_shared) {
+    unsigned char* data;
+    size_t size;
+    llmkv_result e;
+    if (out) out->id = 0;
+    if (n_shared) *n_shared = 0;
+    if (!cache || !path || !out) return LLMKV_ERR_INVALID_ARGUMENT;
+    e = llmkv__read_file(path, ops, &cache->alloc, &cache->desc.logger, &data, &size);
+    if (e != LLMKV_OK) return e;
+    e = llmkv_seq_import(cache, data, size, out, n_shared);
+    cache->alloc.free(data, size, cache->alloc.user);
+    return e;
+}
 
 #ifdef __cplusplus
 }
