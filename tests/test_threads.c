@@ -7,8 +7,8 @@
    plain model of them: the token ids of every position. The K/V written
    for a position is a function of its namespace, layer and every token up
    to it, so whatever page a sequence ends up on (its own, one another
-   thread published, a deduplicated twin), gather must return exactly that
-   function. After the threads join, the invariant checker must pass and
+   thread published, a deduplicated twin, an imported copy of its own
+   export), gather must return exactly that function. After the threads join, the invariant checker must pass and
    every page must come back. Run under ThreadSanitizer by CI. */
 #include "test_util.h"
 
@@ -112,7 +112,7 @@ static void t_verify(tctx* c, tseq* s) {
 }
 
 static void t_op(tctx* c) {
-    uint32_t i = tst_below(&c->rng, T_SEQS), o = tst_below(&c->rng, 10), n, j;
+    uint32_t i = tst_below(&c->rng, T_SEQS), o = tst_below(&c->rng, 11), n, j;
     tseq* s = &c->s[i];
     llmkv_result r;
     c->n_ops++;
@@ -214,6 +214,33 @@ static void t_op(tctx* c) {
         r = llmkv_prefix_pin(c->kv, 0, p, 16, &c->pins[k], &got);
         if (r == LLMKV_OK) c->pinned[k] = 1;
         else if (!t_capacity(r)) t_fail(c, "pin", r);
+        break;
+    }
+    case 9: { /* export, and import into a free slot of this thread (puts of
+                 other threads run meanwhile; the import shares what is cached) */
+        uint64_t bytes = 0;
+        void* buf;
+        uint32_t shared = 0;
+        for (j = 0; j < T_SEQS && c->s[j].live; ++j) {}
+        if (!s->live || j == T_SEQS) break;
+        if ((r = llmkv_seq_export_size(c->kv, s->h, &bytes)) != LLMKV_OK) {
+            t_fail(c, "export_size", r);
+            break;
+        }
+        buf = malloc((size_t)bytes);
+        if (!buf) break;
+        if ((r = llmkv_seq_export(c->kv, s->h, buf, (size_t)bytes, NULL)) != LLMKV_OK) t_fail(c, "export", r);
+        else if ((r = llmkv_seq_import(c->kv, buf, (size_t)bytes, &c->s[j].h, &shared)) != LLMKV_OK) {
+            if (!t_capacity(r)) t_fail(c, "import", r);
+        } else {
+            c->s[j].live = 1;
+            c->s[j].ns = s->ns;
+            c->s[j].len = s->len;
+            memcpy(c->s[j].tok, s->tok, sizeof s->tok);
+            if (shared > s->len) t_fail(c, "import shared more than the sequence holds", LLMKV_OK);
+            t_verify(c, &c->s[j]);
+        }
+        free(buf);
         break;
     }
     default: { /* read-only and global calls */

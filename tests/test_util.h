@@ -109,6 +109,8 @@ void suite_quant(tst* t);
 void suite_q4c(tst* t);
 void suite_prefix(tst* t);
 void suite_threads(tst* t);
+void suite_persist(tst* t);
+void suite_format(tst* t);
 
 
 /* The query of one head as the AVX512_BF16 path's VNNI kernel uses it
