@@ -46,12 +46,6 @@
 /* ------------------------------------------------------------------------ */
 
 /* llmkv_cache_stats takes a non-const cache: it counts in the cache's scratch. */
-static llmkv_stats stats_of(llmkv_cache* kv) {
-    llmkv_stats st;
-    CHECK(llmkv_cache_stats(kv, &st));
-    return st;
-}
-
 static llmkv_desc model_desc(llmkv_storage storage, uint32_t n_pages, uint32_t max_seqs,
                              uint32_t max_seq_len) {
     llmkv_desc d;

@@ -109,20 +109,6 @@ static void die(const char* what, const char* detail) {
 
 static double seconds_since(uint64_t t0) { return (double)(now_ns() - t0) * 1e-9; }
 
-static llmkv_stats stats_of(llmkv_cache* kv) {
-    llmkv_stats st;
-    CHECK(llmkv_cache_stats(kv, &st));
-    return st;
-}
-
-static void check_cache(llmkv_cache* kv, const char* where) {
-    char message[256];
-    if (llmkv_cache_check(kv, message, sizeof message) != LLMKV_OK) {
-        fprintf(stderr, "bench_persist: %s: invariant violated: %s\n", where, message);
-        exit(1);
-    }
-}
-
 static llmkv_desc model_desc(llmkv_dtype dtype, uint32_t n_pages, uint32_t max_seqs, int prefix_index) {
     llmkv_desc d;
     memset(&d, 0, sizeof d);

@@ -68,21 +68,6 @@
 /* Helpers                                                                  */
 /* ------------------------------------------------------------------------ */
 
-static llmkv_stats stats_of(llmkv_cache* kv) {
-    llmkv_stats st;
-    CHECK(llmkv_cache_stats(kv, &st));
-    return st;
-}
-
-/* The invariant checker (reference counts, free list, index, LRU). */
-static void check_cache(llmkv_cache* kv, const char* where) {
-    char message[256];
-    if (llmkv_cache_check(kv, message, sizeof message) != LLMKV_OK) {
-        fprintf(stderr, "bench_prefix: %s: invariant violated: %s\n", where, message);
-        exit(1);
-    }
-}
-
 /* A metadata-only cache with the prefix index. */
 static llmkv_desc index_desc(uint32_t page_size, uint32_t n_pages, uint32_t max_seqs,
                              uint32_t max_seq_len) {

@@ -46,6 +46,23 @@ static inline void* xmalloc(size_t size) {
     return p;
 }
 
+/* The cache's statistics (stopping the benchmark if the call fails). */
+static inline llmkv_stats stats_of(llmkv_cache* kv) {
+    llmkv_stats st;
+    CHECK(llmkv_cache_stats(kv, &st));
+    return st;
+}
+
+/* Runs the invariant checker; stops the benchmark with its message, naming
+   `where`, when it finds an inconsistency. */
+static inline void check_cache(llmkv_cache* kv, const char* where) {
+    char message[256];
+    if (llmkv_cache_check(kv, message, sizeof message) != LLMKV_OK) {
+        fprintf(stderr, "%s: invariant violated: %s\n", where, message);
+        exit(1);
+    }
+}
+
 static inline uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
