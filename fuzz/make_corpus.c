@@ -235,11 +235,8 @@ static void corpus_import(void) {
         {"f16_ps16_tok_to0", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 8, 1, 45, 1, 0},
         {"f16_ps16_tok_to1", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 8, 1, 45, 1, 1},
         {"q8_q4_ps4_tok_to1", LLMKV_DTYPE_Q8, LLMKV_DTYPE_Q4, 4, 8, 1, 30, 1, 1},
-        {"q8_q4_ps4_tok_to0", LLMKV_DTYPE_Q8, LLMKV_DTYPE_Q4, 4, 8, 1, 30, 1, 0},
         {"q4c_fp8_ps32_tok_to2", LLMKV_DTYPE_Q4C, LLMKV_DTYPE_FP8, 32, 8, 1, 45, 1, 2},
-        {"q4c_fp8_ps32_tok_to6", LLMKV_DTYPE_Q4C, LLMKV_DTYPE_FP8, 32, 8, 1, 45, 1, 6},
         {"f32_bf16_ps1_to3", LLMKV_DTYPE_F32, LLMKV_DTYPE_BF16, 1, 8, 0, 20, 1, 3},
-        {"f32_bf16_ps1_to2", LLMKV_DTYPE_F32, LLMKV_DTYPE_BF16, 1, 8, 0, 20, 1, 2},
         {"bf16_f16_ps16_to4", LLMKV_DTYPE_BF16, LLMKV_DTYPE_F16, 16, 8, 0, 33, 1, 4},
         {"f16_ps16_tok_to5_tight", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 8, 1, 60, 1, 5},
         {"fp8_q8_ps16_tok_to6", LLMKV_DTYPE_FP8, LLMKV_DTYPE_Q8, 16, 8, 1, 40, 1, 6},
@@ -251,6 +248,7 @@ static void corpus_import(void) {
         {"f16_ps16_misaligned_to2", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 8, 1, 30, 1, 2 | 1 << 5},
         {"q8_q4_ps4_tok_fix_to2", LLMKV_DTYPE_Q8, LLMKV_DTYPE_Q4, 4, 8, 1, 30, 1, 2 | 1 << 6},
         {"f32_bf16_ps1_fix_to0", LLMKV_DTYPE_F32, LLMKV_DTYPE_BF16, 1, 8, 0, 20, 1, 0 | 1 << 6},
+        {"f16_ps16_long_to5_full", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 8, 0, 90, 1, 5}, /* OUT_OF_PAGES */
         {"dim4_mismatch_to0", LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 16, 4, 1, 10, 1, 0},
     };
     uint32_t i;
