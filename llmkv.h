@@ -6666,13 +6666,6 @@ __attribute__((target("sse4.2"))) static uint32_t llmkv__crc_sse42(uint32_t crc,
 
 static void llmkv__crc_init(llmkv__crc32c* c) {
     uint32_t i, j, k;
-    for (i = 0; i < 256; ++i) {
-        uint32_t x = i;
-        for (k = 0; k < 8; ++k) x = x & 1 ? (x >> 1) ^ 0x82F63B78u : x >> 1;
-        c->t[0][i] = x;
-    }
-    for (i = 0; i < 256; ++i)
-        for (j = 1; j < 8; ++j) c->t[j][i] = (c->t[j - 1][i] >> 8) ^ c->t[0][c->t[j - 1][i] & 0xff];
     c->hw = 0;
 #ifdef LLMKV__X86
     {
@@ -6680,6 +6673,14 @@ static void llmkv__crc_init(llmkv__crc32c* c) {
         c->hw = __get_cpuid(1, &a, &b, &cx, &d) && (cx & (1u << 20)); /* SSE4.2 */
     }
 #endif
+    if (c->hw) return; /* the tables serve the software path only */
+    for (i = 0; i < 256; ++i) {
+        uint32_t x = i;
+        for (k = 0; k < 8; ++k) x = x & 1 ? (x >> 1) ^ 0x82F63B78u : x >> 1;
+        c->t[0][i] = x;
+    }
+    for (i = 0; i < 256; ++i)
+        for (j = 1; j < 8; ++j) c->t[j][i] = (c->t[j - 1][i] >> 8) ^ c->t[0][c->t[j - 1][i] & 0xff];
 }
 
 static uint32_t llmkv__crc_update(const llmkv__crc32c* c, uint32_t crc, const void* data, size_t n) {
@@ -6946,12 +6947,20 @@ static void llmkv__emit_conf(llmkv__sink* s, const llmkv_cache* kv) {
     llmkv__sec_array(s, LLMKV__T_CONF, b, sizeof b);
 }
 
-/* Rows [0, used) of every head of the F16 staging of (slot, layer): the
-   keys of its staged page's positions (later rows were never written). */
+/* The staging rows [0, used) a file holds for a page staged from position
+   kf (NO_SLOT: none) of a sequence of `length` positions: the keys of the
+   page's positions (later rows were never written). */
+static uint32_t llmkv__stage_rows(uint32_t kf, uint32_t length, uint32_t page_size) {
+    if (kf == LLMKV__NO_SLOT || kf >= length) return 0;
+    return length - kf < page_size ? length - kf : page_size;
+}
+/* Bytes of `rows` staged rows of every head. */
+static uint64_t llmkv__stage_rows_bytes(const llmkv_layout* l, uint32_t rows) {
+    return (uint64_t)rows * l->n_kv_heads * l->head_dim * 2;
+}
 static uint32_t llmkv__staged_rows(const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
-    uint32_t kf = kv->kfill[(size_t)slot * kv->layout.n_layers + layer], len = kv->seqs[slot].length;
-    if (kf == LLMKV__NO_SLOT || kf >= len) return 0;
-    return len - kf < kv->layout.page_size ? len - kf : kv->layout.page_size;
+    return llmkv__stage_rows(kv->kfill[(size_t)slot * kv->layout.n_layers + layer], kv->seqs[slot].length,
+                             kv->layout.page_size);
 }
 static void llmkv__emit_staged(llmkv__sink* s, const llmkv_cache* kv, uint32_t slot, uint32_t layer) {
     const llmkv_layout* l = &kv->layout;
@@ -6978,7 +6987,7 @@ static void llmkv__emit_cache(llmkv__sink* s, const llmkv_cache* kv, int increme
         if (kv->seqs[i].live) {
             table_entries += kv->seqs[i].n_pages;
             for (j = 0; kv->kfill && j < L; ++j)
-                staged_bytes += (uint64_t)llmkv__staged_rows(kv, i, j) * l->n_kv_heads * l->head_dim * 2;
+                staged_bytes += llmkv__stage_rows_bytes(l, llmkv__staged_rows(kv, i, j));
         }
     for (i = 0; i < n; ++i) {
         used += kv->refcount[i] != 0;
@@ -7143,7 +7152,7 @@ static void llmkv__emit_seq(llmkv__sink* s, const llmkv_cache* kv, uint32_t slot
     if (kv->kfill) {
         uint64_t staged = 0;
         llmkv__sec_array(s, LLMKV__T_KFIL, kv->kfill + (size_t)slot * L, (uint64_t)L * 4);
-        for (j = 0; j < L; ++j) staged += (uint64_t)llmkv__staged_rows(kv, slot, j) * l->n_kv_heads * l->head_dim * 2;
+        for (j = 0; j < L; ++j) staged += llmkv__stage_rows_bytes(l, llmkv__staged_rows(kv, slot, j));
         llmkv__sec_begin(s, LLMKV__T_STAG, staged);
         for (j = 0; j < L; ++j) llmkv__emit_staged(s, kv, slot, j);
         llmkv__sec_end(s);
@@ -7676,11 +7685,11 @@ static int llmkv__load_create(llmkv__src* r, const llmkv_desc* saved, uint64_t p
     return 1;
 }
 
-/* F16 rows [0, rows) of every head of the staging of (slot, layer), from
-   the input. */
-static int llmkv__rd_staged(llmkv__src* r, llmkv_cache* kv, uint32_t slot, uint32_t layer, uint32_t rows) {
+/* The saved F16 rows (llmkv__staged_rows) of every head of the staging of
+   (slot, layer), from the input. */
+static int llmkv__rd_staged(llmkv__src* r, llmkv_cache* kv, uint32_t slot, uint32_t layer) {
     const llmkv_layout* l = &kv->layout;
-    uint32_t h;
+    uint32_t rows = llmkv__staged_rows(kv, slot, layer), h;
     for (h = 0; h < l->n_kv_heads && rows; ++h)
         if (!llmkv__rd(r, llmkv__stage_block(kv, slot, layer) + (size_t)h * l->page_size * l->head_dim,
                        (uint64_t)rows * l->head_dim * 2))
@@ -7819,11 +7828,11 @@ static int llmkv__load_body(llmkv__src* r, llmkv_cache* kv, int base, uint64_t p
         if (!llmkv__sec_close(r)) return 0;
         for (i = 0; i < d->max_seqs; ++i)
             for (j = 0; kv->seqs[i].live && j < L; ++j)
-                staged += (uint64_t)llmkv__staged_rows(kv, i, j) * l->n_kv_heads * l->head_dim * 2;
+                staged += llmkv__stage_rows_bytes(l, llmkv__staged_rows(kv, i, j));
         if (!llmkv__sec_open(r, LLMKV__T_STAG, staged, NULL)) return 0;
         for (i = 0; i < d->max_seqs; ++i)
             for (j = 0; kv->seqs[i].live && j < L; ++j)
-                if (!llmkv__rd_staged(r, kv, i, j, llmkv__staged_rows(kv, i, j))) return 0;
+                if (!llmkv__rd_staged(r, kv, i, j)) return 0;
         if (!llmkv__sec_close(r)) return 0;
     }
     if (kv->copies) {
@@ -8010,9 +8019,7 @@ typedef struct llmkv__seqfile {
 } llmkv__seqfile;
 
 static uint32_t llmkv__file_rows(const llmkv__seqfile* f, uint32_t layer) {
-    uint32_t kf = llmkv__rd32(f->kfill + 4 * layer);
-    if (kf == LLMKV__NO_SLOT) return 0;
-    return f->length - kf < f->layout.page_size ? f->length - kf : f->layout.page_size;
+    return llmkv__stage_rows(llmkv__rd32(f->kfill + 4 * layer), f->length, f->layout.page_size);
 }
 
 static int llmkv__parse_seq(llmkv__src* r, llmkv__seqfile* f) {
@@ -8065,7 +8072,7 @@ static int llmkv__parse_seq(llmkv__src* r, llmkv__seqfile* f) {
             uint32_t kf = llmkv__rd32(f->kfill + 4 * i);
             if (kf != LLMKV__NO_SLOT && (kf % ps || kf >= f->length))
                 return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "staged page at %u of %u positions", kf, f->length);
-            staged += (uint64_t)llmkv__file_rows(f, i) * f->layout.n_kv_heads * f->layout.head_dim * 2;
+            staged += llmkv__stage_rows_bytes(&f->layout, llmkv__file_rows(f, i));
         }
         if (!llmkv__sec_open(r, LLMKV__T_STAG, staged, NULL) || !(f->stage = llmkv__view(r, staged)) ||
             !llmkv__sec_close(r))
