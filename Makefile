@@ -22,7 +22,7 @@ TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_
 
 .PHONY: all test demo bench fuzz clean
 
-all: $(BUILD)/quickstart $(BUILD)/chat_prefix $(BUILD)/session_restore $(BUILD)/tests $(BUILD)/bench_cache_ops \
+all: $(BUILD)/quickstart $(BUILD)/chat_prefix $(BUILD)/session_restore $(BUILD)/llama $(BUILD)/tests $(BUILD)/bench_cache_ops \
      $(BUILD)/bench_attn_cpu $(BUILD)/bench_prefix $(BUILD)/bench_persist
 
 $(BUILD):
@@ -36,6 +36,9 @@ $(BUILD)/chat_prefix: examples/chat_prefix.c $(HEADERS) | $(BUILD)
 
 $(BUILD)/session_restore: examples/session_restore.c $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ examples/session_restore.c $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/llama: examples/llama.c examples/llama_model.h $(HEADERS) | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ examples/llama.c $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/tests: $(TEST_SRCS) tests/test_util.h tests/test_falloc.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) $(TEST_FLAGS) -o $@ $(TEST_SRCS) $(LDFLAGS) $(LDLIBS)
