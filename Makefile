@@ -18,7 +18,7 @@ LDLIBS  ?= -lm -pthread
 
 HEADERS   := llmkv.h
 TEST_SRCS := tests/test_main.c tests/test_cache.c tests/test_model.c tests/test_fault.c tests/test_attn.c tests/test_quant.c tests/test_q4c.c tests/test_prefix.c tests/test_threads.c tests/test_persist.c \
-             tests/test_format.c tests/llmkv_impl.c
+             tests/test_format.c tests/test_llama.c tests/llmkv_impl.c
 
 .PHONY: all test demo bench fuzz clean
 
@@ -40,7 +40,7 @@ $(BUILD)/session_restore: examples/session_restore.c $(HEADERS) | $(BUILD)
 $(BUILD)/llama: examples/llama.c examples/llama_model.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ examples/llama.c $(LDFLAGS) $(LDLIBS)
 
-$(BUILD)/tests: $(TEST_SRCS) tests/test_util.h tests/test_falloc.h $(HEADERS) | $(BUILD)
+$(BUILD)/tests: $(TEST_SRCS) tests/test_util.h tests/test_falloc.h examples/llama_model.h $(HEADERS) | $(BUILD)
 	$(CC) $(CFLAGS) $(TEST_FLAGS) -o $@ $(TEST_SRCS) $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/bench_cache_ops: bench/bench_cache_ops.c bench/bench_util.h $(HEADERS) | $(BUILD)

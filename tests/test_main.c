@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
     suite_threads(&t);
     suite_persist(&t);
     suite_format(&t);
+    suite_llama(&t);
     /* Skipped tests said why on their SKIP lines above. */
     if (t.skipped) printf("%d passed, %d failed, %d skipped\n", t.passed, t.failed, t.skipped);
     else printf("%d passed, %d failed\n", t.passed, t.failed);

@@ -111,6 +111,7 @@ void suite_prefix(tst* t);
 void suite_threads(tst* t);
 void suite_persist(tst* t);
 void suite_format(tst* t);
+void suite_llama(tst* t);
 
 
 /* The query of one head as the AVX512_BF16 path's VNNI kernel uses it
