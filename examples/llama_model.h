@@ -288,9 +288,9 @@ static inline llmkv_result llama_engine_adopt(llama_engine* e, llmkv_cache* kv) 
 
 /* y[r][o] = sum_i w[o][i] x[r][i] for n rows: w is [n_out][n_in]. Four
    partial sums per dot product. */
-static inline void llama__matmul(float* y, const float* x, const float* w, uint32_t n, int n_in, int n_out) {
+static inline void llama__matmul(float* y, const float* x, const float* w, uint32_t n, size_t n_in, size_t n_out) {
     uint32_t r;
-    int o, i;
+    size_t o, i;
     for (r = 0; r < n; ++r) {
         const float* xr = x + (size_t)r * n_in;
         float* yr = y + (size_t)r * n_out;
@@ -310,9 +310,9 @@ static inline void llama__matmul(float* y, const float* x, const float* w, uint3
 }
 
 /* out = x / rms(x) * w, for n rows of `dim`. */
-static inline void llama__rmsnorm(float* out, const float* x, const float* w, uint32_t n, int dim) {
+static inline void llama__rmsnorm(float* out, const float* x, const float* w, uint32_t n, size_t dim) {
     uint32_t r;
-    int i;
+    size_t i;
     for (r = 0; r < n; ++r) {
         const float* xr = x + (size_t)r * dim;
         float* orow = out + (size_t)r * dim;
@@ -347,7 +347,8 @@ static inline void llama__rope(const llama_engine* e, float* x, int width, int32
 static inline llmkv_result llama_forward(llama_engine* e, const llmkv_seq* seqs, const uint32_t* n_new, uint32_t n_seqs,
                                   const llmkv_token* tokens, float* logits, int all_rows) {
     const llama_model* m = e->m;
-    const int D = m->c.dim, KVD = m->kv_dim, HD = m->c.hidden_dim, V = m->c.vocab_size;
+    const size_t D = (size_t)m->c.dim, KVD = (size_t)m->kv_dim, HD = (size_t)m->c.hidden_dim;
+    const size_t V = (size_t)m->c.vocab_size;
     llmkv_batch_info info;
     llmkv_attn_desc a;
     llmkv_result r;
@@ -360,7 +361,7 @@ static inline llmkv_result llama_forward(llama_engine* e, const llmkv_seq* seqs,
         rows += n_new[i];
     }
     for (i = 0; i < rows; ++i)
-        if (tokens[i] < 0 || tokens[i] >= V) return LLMKV_ERR_INVALID_ARGUMENT;
+        if (tokens[i] < 0 || (size_t)tokens[i] >= V) return LLMKV_ERR_INVALID_ARGUMENT;
     for (i = 0; i < n_seqs; ++i) {
         r = llmkv_seq_length(e->kv, seqs[i], &e->old_len[i]);
         if (r != LLMKV_OK) return r;
@@ -382,8 +383,8 @@ static inline llmkv_result llama_forward(llama_engine* e, const llmkv_seq* seqs,
         llama__matmul(e->k, e->xb, m->wk + (size_t)l * KVD * D, rows, D, KVD);
         llama__matmul(e->v, e->xb, m->wv + (size_t)l * KVD * D, rows, D, KVD);
         for (row = 0; row < rows; ++row) {
-            llama__rope(e, e->q + (size_t)row * D, D, info.positions[row]);
-            llama__rope(e, e->k + (size_t)row * KVD, KVD, info.positions[row]);
+            llama__rope(e, e->q + (size_t)row * D, (int)D, info.positions[row]);
+            llama__rope(e, e->k + (size_t)row * KVD, (int)KVD, info.positions[row]);
         }
         /* Store this layer's K and V of the new tokens... */
         for (i = 0, row = 0; i < n_seqs && r == LLMKV_OK; row += n_new[i], ++i)
@@ -429,7 +430,7 @@ static inline llmkv_result llama_forward(llama_engine* e, const llmkv_seq* seqs,
         } else {
             for (i = 0, row = 0; i < n_seqs; ++i) {
                 row += n_new[i];
-                llama__matmul(logits + (size_t)i * V, e->xb + (size_t)(row - 1) * D, m->classifier, 1, D, V);
+                llama__matmul(logits + (size_t)i * (size_t)V, e->xb + (size_t)(row - 1) * D, m->classifier, 1, D, V);
             }
         }
     }
@@ -634,7 +635,7 @@ static inline llmkv_result llama_serve(llama_engine* e, const llmkv_token* const
         for (i = 0; i < b && r == LLMKV_OK; ++i) {
             llama__request* cq = &q[who[i]];
             llmkv_token* next = &out[(size_t)who[i] * n_steps + cq->done];
-            *next = llama_sample(logits + (size_t)i * V, V, temp, &cq->rng, probs);
+            *next = llama_sample(logits + (size_t)i * (size_t)V, V, temp, &cq->rng, probs);
             cq->pending = next;
             cq->n_pending = 1;
             if (++cq->done == n_steps) {
@@ -704,9 +705,9 @@ static inline llmkv_result llama_beam_search(llama_engine* e, const llmkv_token*
             if (r != LLMKV_OK) break;
         }
         for (b = 0; b < n_live; ++b) {
-            const float* row = logits + (size_t)b * V;
+            const float* row = logits + (size_t)b * (size_t)V;
             double norm = llama_logsumexp(row, V);
-            for (j = 0; j < (uint32_t)V; ++j) lp[(size_t)b * V + j] = sc[b] + ((double)row[j] - norm);
+            for (j = 0; j < (uint32_t)V; ++j) lp[(size_t)b * (size_t)V + j] = sc[b] + ((double)row[j] - norm);
         }
         /* The K best (beam, token) pairs, in rank order. */
         for (c = 0; c < K; ++c) {
@@ -714,15 +715,15 @@ static inline llmkv_result llama_beam_search(llama_engine* e, const llmkv_token*
             uint32_t bb = 0, bt = 0;
             for (b = 0; b < n_live; ++b) {
                 for (j = 0; j < (uint32_t)V; ++j) {
-                    double v = lp[(size_t)b * V + j];
-                    if (have && !(v > lp[(size_t)bb * V + bt])) continue;
+                    double v = lp[(size_t)b * (size_t)V + j];
+                    if (have && !(v > lp[(size_t)bb * (size_t)V + bt])) continue;
                     have = 1, bb = b, bt = j;
                 }
             }
             par[c] = bb;
             ctok[c] = (int32_t)bt;
-            nsc[c] = lp[(size_t)bb * V + bt];
-            lp[(size_t)bb * V + bt] = -HUGE_VAL; /* taken */
+            nsc[c] = lp[(size_t)bb * (size_t)V + bt];
+            lp[(size_t)bb * (size_t)V + bt] = -HUGE_VAL; /* taken */
             if (nsc[c] == -HUGE_VAL) break;
         }
         /* New beams: a kept beam's first child takes its sequence, later
@@ -826,8 +827,8 @@ static inline llmkv_result llama_speculative(llama_engine* target, llama_engine*
             if (temp <= 0.0f) {
                 hist[n_hist] = llama_argmax(dl, V);
             } else {
-                llama__softmax(q + (size_t)i * V, dl, V, temp);
-                hist[n_hist] = llama__draw(q + (size_t)i * V, V, rng);
+                llama__softmax(q + (size_t)i * (size_t)V, dl, V, temp);
+                hist[n_hist] = llama__draw(q + (size_t)i * (size_t)V, V, rng);
             }
             ++n_hist; /* tentatively */
         }
@@ -839,21 +840,21 @@ static inline llmkv_result llama_speculative(llama_engine* target, llama_engine*
         n_hist -= n; /* hist[n_hist, n_hist + n) are the proposals */
         for (a = 0; a < n; ++a) {
             llmkv_token d = hist[n_hist + a];
-            const float* row = tl + (size_t)a * V;
+            const float* row = tl + (size_t)a * (size_t)V;
             if (temp <= 0.0f) {
                 if (llama_argmax(row, V) != d) break;
             } else {
                 double pd, qd;
                 llama__softmax(p, row, V, temp);
                 pd = p[d];
-                qd = q[(size_t)a * V + d];
+                qd = q[(size_t)a * (size_t)V + (size_t)d];
                 if (!(llama_uniform(rng) < (qd > 0.0 ? pd / qd : 1.0))) break;
             }
         }
         /* The target's own token after the kept run: a correction or,
            when everything was kept, one more. */
         {
-            const float* row = tl + (size_t)a * V;
+            const float* row = tl + (size_t)a * (size_t)V;
             llmkv_token t;
             if (temp <= 0.0f) {
                 t = llama_argmax(row, V);
@@ -862,7 +863,7 @@ static inline llmkv_result llama_speculative(llama_engine* target, llama_engine*
                 int k2;
                 llama__softmax(p, row, V, temp);
                 for (k2 = 0; k2 < V; ++k2) {
-                    double dd = p[k2] - q[(size_t)a * V + k2];
+                    double dd = p[k2] - q[(size_t)a * (size_t)V + (size_t)k2];
                     p[k2] = dd > 0.0 ? dd : 0.0;
                     sum += p[k2];
                 }
@@ -927,8 +928,8 @@ static inline llmkv_result llama_teacher_force(llama_engine* e, const llmkv_toke
         r = llama_forward(e, &seq, &c, 1, tokens + pos, logits, 1);
         for (i = 0; i < c && r == LLMKV_OK; ++i) {
             if (pos + i + 1 >= n) break;
-            if (top1) top1[pos + i] = llama_argmax(logits + (size_t)i * V, V);
-            if (nll) nll[pos + i] = -llama_logprob(logits + (size_t)i * V, V, tokens[pos + i + 1]);
+            if (top1) top1[pos + i] = llama_argmax(logits + (size_t)i * (size_t)V, V);
+            if (nll) nll[pos + i] = -llama_logprob(logits + (size_t)i * (size_t)V, V, tokens[pos + i + 1]);
         }
         pos += c;
     }
