@@ -72,13 +72,15 @@ bench: $(BUILD)/bench_cache_ops $(BUILD)/bench_attn_cpu $(BUILD)/bench_prefix $(
 # targets exercise parsing and metadata, so they build the scalar kernels
 # only (LLMKV_NO_SIMD: the SIMD kernels triple the sanitized compile time
 # and are covered by the attention tests on every path).
-FUZZ_TARGETS := load import api
+FUZZ_TARGETS := load import api llama
 FUZZ_SECONDS ?= 60
 FUZZ_CC      ?= clang
 FUZZ_FLAGS   ?= -O1 -g -DLLMKV_NO_SIMD -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 
 $(BUILD)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_util.h $(HEADERS) | $(BUILD)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm -pthread
+
+$(BUILD)/fuzz_llama: examples/llama_model.h
 
 fuzz: $(addprefix $(BUILD)/fuzz_,$(FUZZ_TARGETS))
 	@for t in $(FUZZ_TARGETS); do \

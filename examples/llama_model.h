@@ -67,16 +67,69 @@ static inline void llama__err(char* err, size_t err_size, const char* fmt, const
     if (err && err_size) snprintf(err, err_size, fmt, a, b);
 }
 
-/* Loads a llama2.c "legacy" checkpoint. Validates the header (every field
-   positive and sane, dim a multiple of n_heads, n_heads of n_kv_heads, an
-   even head_dim of at most 512) and that the file holds exactly the weights
-   the header implies. Returns 0, or -1 with a one-line reason in `err`
-   (nothing to free then). */
+/* Reads the seven-int32 header from h and checks it (every field positive
+   and sane, dim a multiple of n_heads, n_heads of n_kv_heads, an even
+   head_dim of at most 512); *n_floats receives the weight count it
+   implies. Returns 0, or -1 with a reason in `err` ("name: ..."). */
+static inline int llama__parse_header(llama_model* m, const int32_t h[7], const char* name, long long* n_floats,
+                                      char* err, size_t err_size) {
+    long long V, D, H, L, KVD, T;
+    memset(m, 0, sizeof *m);
+    m->c.dim = h[0];
+    m->c.hidden_dim = h[1];
+    m->c.n_layers = h[2];
+    m->c.n_heads = h[3];
+    m->c.n_kv_heads = h[4];
+    m->shared_classifier = h[5] > 0;
+    m->c.vocab_size = h[5] > 0 ? h[5] : (h[5] == INT32_MIN ? 0 : -h[5]);
+    m->c.seq_len = h[6];
+    if (h[0] <= 0 || h[0] > 65536 || h[1] <= 0 || h[1] > 262144 || h[2] <= 0 || h[2] > 1024 || h[3] <= 0 ||
+        h[4] <= 0 || m->c.vocab_size <= 0 || m->c.vocab_size > 1048576 || h[6] <= 0 || h[6] > 1048576 ||
+        h[0] % h[3] != 0 || h[3] % h[4] != 0 || (h[0] / h[3]) % 2 != 0 || h[0] / h[3] > 512) {
+        if (err && err_size)
+            snprintf(err, err_size,
+                     "%s: not a llama2.c checkpoint (header dim %d, hidden_dim %d, n_layers %d, n_heads %d, "
+                     "n_kv_heads %d, vocab_size %d, seq_len %d)",
+                     name, (int)h[0], (int)h[1], (int)h[2], (int)h[3], (int)h[4], (int)h[5], (int)h[6]);
+        memset(m, 0, sizeof *m);
+        return -1;
+    }
+    m->head_dim = m->c.dim / m->c.n_heads;
+    m->kv_dim = m->c.n_kv_heads * m->head_dim;
+    V = m->c.vocab_size, D = m->c.dim, H = m->c.hidden_dim, L = m->c.n_layers, KVD = m->kv_dim;
+    T = m->c.seq_len;
+    *n_floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * H * D + D +
+                T * (m->head_dim / 2) * 2 + (m->shared_classifier ? 0 : V * D);
+    return 0;
+}
+
+/* Points the weight arrays into m->data, in the file's order. */
+static inline void llama__assign(llama_model* m) {
+    const long long V = m->c.vocab_size, D = m->c.dim, H = m->c.hidden_dim, L = m->c.n_layers, KVD = m->kv_dim;
+    const float* p = m->data;
+    m->embed = p, p += V * D;
+    m->rms_att = p, p += L * D;
+    m->wq = p, p += L * D * D;
+    m->wk = p, p += L * KVD * D;
+    m->wv = p, p += L * KVD * D;
+    m->wo = p, p += L * D * D;
+    m->rms_ffn = p, p += L * D;
+    m->w1 = p, p += L * H * D;
+    m->w2 = p, p += L * D * H;
+    m->w3 = p, p += L * H * D;
+    m->rms_final = p, p += D;
+    p += (long long)m->c.seq_len * (m->head_dim / 2) * 2; /* the two unused RoPE tables */
+    m->classifier = m->shared_classifier ? m->embed : p;
+}
+
+/* Loads a llama2.c "legacy" checkpoint from a file: the header must pass
+   llama__parse_header and the file must hold exactly the weights it
+   implies. Returns 0, or -1 with a one-line reason in `err` (nothing to
+   free then). */
 static inline int llama_load(llama_model* m, const char* path, char* err, size_t err_size) {
     FILE* f;
     int32_t h[7];
-    long long size, want, n_floats, V, D, H, L, KVD, T;
-    float* p;
+    long long size, want, n_floats = 0;
     memset(m, 0, sizeof *m);
     f = fopen(path, "rb");
     if (!f) {
@@ -93,60 +146,57 @@ static inline int llama_load(llama_model* m, const char* path, char* err, size_t
         llama__err(err, err_size, "%s: too short for a checkpoint header (%lld bytes)", path, size);
         return -1;
     }
-    m->c.dim = h[0];
-    m->c.hidden_dim = h[1];
-    m->c.n_layers = h[2];
-    m->c.n_heads = h[3];
-    m->c.n_kv_heads = h[4];
-    m->shared_classifier = h[5] > 0;
-    m->c.vocab_size = h[5] > 0 ? h[5] : (h[5] == INT32_MIN ? 0 : -h[5]);
-    m->c.seq_len = h[6];
-    if (h[0] <= 0 || h[0] > 65536 || h[1] <= 0 || h[1] > 262144 || h[2] <= 0 || h[2] > 1024 || h[3] <= 0 ||
-        h[4] <= 0 || m->c.vocab_size <= 0 || m->c.vocab_size > 1048576 || h[6] <= 0 || h[6] > 1048576 ||
-        h[0] % h[3] != 0 || h[3] % h[4] != 0 || (h[0] / h[3]) % 2 != 0 || h[0] / h[3] > 512) {
+    if (llama__parse_header(m, h, path, &n_floats, err, err_size) != 0) {
         fclose(f);
-        if (err && err_size)
-            snprintf(err, err_size,
-                     "%s: not a llama2.c checkpoint (header dim %d, hidden_dim %d, n_layers %d, n_heads %d, "
-                     "n_kv_heads %d, vocab_size %d, seq_len %d)",
-                     path, (int)h[0], (int)h[1], (int)h[2], (int)h[3], (int)h[4], (int)h[5], (int)h[6]);
         return -1;
     }
-    m->head_dim = m->c.dim / m->c.n_heads;
-    m->kv_dim = m->c.n_kv_heads * m->head_dim;
-    V = m->c.vocab_size, D = m->c.dim, H = m->c.hidden_dim, L = m->c.n_layers, KVD = m->kv_dim;
-    T = m->c.seq_len;
-    n_floats = V * D + L * D + L * D * D + 2 * L * KVD * D + L * D * D + L * D + 3 * L * H * D + D +
-               T * (m->head_dim / 2) * 2 + (m->shared_classifier ? 0 : V * D);
     want = (long long)sizeof h + 4 * n_floats;
     if (size != want) {
         fclose(f);
+        memset(m, 0, sizeof *m);
         llama__err(err, err_size, "%s: wrong size for its header (expected %lld bytes)", path, want);
         return -1;
     }
     m->data = (float*)malloc((size_t)(n_floats * 4));
     if (!m->data || fread(m->data, 4, (size_t)n_floats, f) != (size_t)n_floats) {
         free(m->data);
-        m->data = NULL;
         fclose(f);
+        memset(m, 0, sizeof *m);
         llama__err(err, err_size, "%s: out of memory or read error (%lld floats)", path, n_floats);
         return -1;
     }
     fclose(f);
-    p = m->data;
-    m->embed = p, p += V * D;
-    m->rms_att = p, p += L * D;
-    m->wq = p, p += L * D * D;
-    m->wk = p, p += L * KVD * D;
-    m->wv = p, p += L * KVD * D;
-    m->wo = p, p += L * D * D;
-    m->rms_ffn = p, p += L * D;
-    m->w1 = p, p += L * H * D;
-    m->w2 = p, p += L * D * H;
-    m->w3 = p, p += L * H * D;
-    m->rms_final = p, p += D;
-    p += T * (m->head_dim / 2) * 2; /* the two unused RoPE tables */
-    m->classifier = m->shared_classifier ? m->embed : p;
+    llama__assign(m);
+    return 0;
+}
+
+/* llama_load from `size` bytes at `data` (copied; any alignment); `name`
+   only labels the messages. */
+static inline int llama_load_mem(llama_model* m, const void* data, size_t size, const char* name, char* err,
+                                 size_t err_size) {
+    int32_t h[7];
+    long long n_floats = 0, want;
+    memset(m, 0, sizeof *m);
+    if (!data || size < sizeof h) {
+        llama__err(err, err_size, "%s: too short for a checkpoint header (%lld bytes)", name, (long long)size);
+        return -1;
+    }
+    memcpy(h, data, sizeof h);
+    if (llama__parse_header(m, h, name, &n_floats, err, err_size) != 0) return -1;
+    want = (long long)sizeof h + 4 * n_floats;
+    if ((long long)size != want) {
+        memset(m, 0, sizeof *m);
+        llama__err(err, err_size, "%s: wrong size for its header (expected %lld bytes)", name, want);
+        return -1;
+    }
+    m->data = (float*)malloc((size_t)(n_floats * 4));
+    if (!m->data) {
+        memset(m, 0, sizeof *m);
+        llama__err(err, err_size, "%s: out of memory (%lld floats)", name, n_floats);
+        return -1;
+    }
+    memcpy(m->data, (const char*)data + sizeof h, (size_t)(n_floats * 4));
+    llama__assign(m);
     return 0;
 }
 
