@@ -132,6 +132,14 @@ static uint32_t parse_ids(const char* s, llmkv_token* out, uint32_t cap, int voc
     return n;
 }
 
+/* 1 when argument `a` is option `name`, which takes a value: exits with an
+   error when the command line ends before the value. */
+static int is_opt(const char* a, const char* name, const char* val) {
+    if (strcmp(a, name) != 0) return 0;
+    if (!val) die("missing value after", a);
+    return 1;
+}
+
 static options parse_args(int argc, char** argv) {
     options o;
     int i;
@@ -162,35 +170,26 @@ static options parse_args(int argc, char** argv) {
                             "TYPE: f32 f16 bf16 q8 q4 fp8 (keys also q4c). See the top of examples/llama.c.\n");
             exit(0);
         }
-        if (!val) {
-            static const char* const valued[] = {"--steps", "--temp", "--seed", "--prompt-ids", "--tokenizer", "--kv",
-                                                 "--kv-k", "--kv-v", "--page", "--threads", "--beams", "--draft",
-                                                 "--draft-kv", "--draft-layers"};
-            size_t k;
-            for (k = 0; k < sizeof valued / sizeof valued[0]; ++k)
-                if (strcmp(a, valued[k]) == 0) die("missing value after", a);
-            die("unknown option", a);
-        }
-        if (strcmp(a, "--steps") == 0) o.steps = parse_uint(a, val, 1, 1u << 20);
-        else if (strcmp(a, "--temp") == 0) {
+        if (is_opt(a, "--steps", val)) o.steps = parse_uint(a, val, 1, 1u << 20);
+        else if (is_opt(a, "--temp", val)) {
             char* end;
             double t = strtod(val, &end);
             if (!*val || *end || !(t >= 0.0 && t <= 100.0)) die("--temp needs a number from 0 to 100, got", val);
             o.temp = (float)t;
-        } else if (strcmp(a, "--seed") == 0) o.seed = parse_uint(a, val, 0, 0xFFFFFFFFu);
-        else if (strcmp(a, "--prompt-ids") == 0) {
+        } else if (is_opt(a, "--seed", val)) o.seed = parse_uint(a, val, 0, 0xFFFFFFFFu);
+        else if (is_opt(a, "--prompt-ids", val)) {
             if (o.n_prompts == MAX_PROMPTS) die("too many --prompt-ids (at most 64)", NULL);
             o.prompt_text[o.n_prompts++] = val;
-        } else if (strcmp(a, "--tokenizer") == 0) o.tokenizer = val;
-        else if (strcmp(a, "--kv") == 0) o.k_dtype = o.v_dtype = parse_dtype(a, val, 0);
-        else if (strcmp(a, "--kv-k") == 0) o.k_dtype = parse_dtype(a, val, 1);
-        else if (strcmp(a, "--kv-v") == 0) o.v_dtype = parse_dtype(a, val, 0);
-        else if (strcmp(a, "--page") == 0) o.page_size = parse_uint(a, val, 1, 1024);
-        else if (strcmp(a, "--threads") == 0) o.threads = parse_uint(a, val, 1, 256);
-        else if (strcmp(a, "--beams") == 0) o.beams = parse_uint(a, val, 1, 64);
-        else if (strcmp(a, "--draft") == 0) o.draft = parse_uint(a, val, 1, 64);
-        else if (strcmp(a, "--draft-kv") == 0) o.draft_dtype = parse_dtype(a, val, 0);
-        else if (strcmp(a, "--draft-layers") == 0) o.draft_layers = parse_uint(a, val, 1, 1024);
+        } else if (is_opt(a, "--tokenizer", val)) o.tokenizer = val;
+        else if (is_opt(a, "--kv", val)) o.k_dtype = o.v_dtype = parse_dtype(a, val, 0);
+        else if (is_opt(a, "--kv-k", val)) o.k_dtype = parse_dtype(a, val, 1);
+        else if (is_opt(a, "--kv-v", val)) o.v_dtype = parse_dtype(a, val, 0);
+        else if (is_opt(a, "--page", val)) o.page_size = parse_uint(a, val, 1, 1024);
+        else if (is_opt(a, "--threads", val)) o.threads = parse_uint(a, val, 1, 256);
+        else if (is_opt(a, "--beams", val)) o.beams = parse_uint(a, val, 1, 64);
+        else if (is_opt(a, "--draft", val)) o.draft = parse_uint(a, val, 1, 64);
+        else if (is_opt(a, "--draft-kv", val)) o.draft_dtype = parse_dtype(a, val, 0);
+        else if (is_opt(a, "--draft-layers", val)) o.draft_layers = parse_uint(a, val, 1, 1024);
         else die("unknown option", a);
         ++i; /* the value */
     }

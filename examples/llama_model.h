@@ -632,8 +632,7 @@ static inline llmkv_result llama_serve(llama_engine* e, const llmkv_token* const
     uint32_t admitted = 0, finished = 0, i, b, rows;
     llmkv_stats ks;
     if (st) memset(st, 0, sizeof *st);
-    while (r == LLMKV_OK && finished < n_req) {
-        if (n_steps == 0) break;
+    while (r == LLMKV_OK && n_steps > 0 && finished < n_req) {
         /* One arrival per step. */
         if (admitted < n_req) {
             llama__request* nq = &q[admitted];
@@ -719,20 +718,21 @@ static inline llmkv_result llama_beam_search(llama_engine* e, const llmkv_token*
                                       uint32_t n_beams, uint32_t n_steps, llmkv_token* out, double* score) {
     const int V = e->m->c.vocab_size;
     const uint32_t K = n_beams;
-    llmkv_seq* seq = (llmkv_seq*)calloc(K ? K : 1, sizeof(llmkv_seq));
-    llmkv_seq* nseq = (llmkv_seq*)calloc(K ? K : 1, sizeof(llmkv_seq));
-    llmkv_token* tok = (llmkv_token*)malloc(sizeof(llmkv_token) * (K ? K : 1) * (n_steps ? n_steps : 1));
-    llmkv_token* ntok = (llmkv_token*)malloc(sizeof(llmkv_token) * (K ? K : 1) * (n_steps ? n_steps : 1));
-    double* sc = (double*)malloc(sizeof(double) * (K ? K : 1));
-    double* nsc = (double*)malloc(sizeof(double) * (K ? K : 1));
-    double* lp = (double*)malloc(sizeof(double) * (size_t)V * (K ? K : 1));
-    float* logits = (float*)malloc(sizeof(float) * (size_t)V * (K ? K : 1));
-    uint32_t* ones = (uint32_t*)malloc(sizeof(uint32_t) * (K ? K : 1));
-    uint32_t* par = (uint32_t*)malloc(sizeof(uint32_t) * (K ? K : 1));
-    int32_t* ctok = (int32_t*)malloc(sizeof(int32_t) * (K ? K : 1));
-    uint32_t* kids = (uint32_t*)malloc(sizeof(uint32_t) * (K ? K : 1));
-    uint32_t* used = (uint32_t*)malloc(sizeof(uint32_t) * (K ? K : 1));
-    llmkv_token* feed = (llmkv_token*)malloc(sizeof(llmkv_token) * (K ? K : 1));
+    const size_t nk = K ? K : 1, ns = n_steps ? n_steps : 1; /* allocation sizes (0 is refused below) */
+    llmkv_seq* seq = (llmkv_seq*)calloc(nk, sizeof(llmkv_seq));
+    llmkv_seq* nseq = (llmkv_seq*)calloc(nk, sizeof(llmkv_seq));
+    llmkv_token* tok = (llmkv_token*)malloc(sizeof(llmkv_token) * nk * ns);
+    llmkv_token* ntok = (llmkv_token*)malloc(sizeof(llmkv_token) * nk * ns);
+    double* sc = (double*)malloc(sizeof(double) * nk);
+    double* nsc = (double*)malloc(sizeof(double) * nk);
+    double* lp = (double*)malloc(sizeof(double) * (size_t)V * nk);
+    float* logits = (float*)malloc(sizeof(float) * (size_t)V * nk);
+    uint32_t* ones = (uint32_t*)malloc(sizeof(uint32_t) * nk);
+    uint32_t* par = (uint32_t*)malloc(sizeof(uint32_t) * nk);
+    int32_t* ctok = (int32_t*)malloc(sizeof(int32_t) * nk);
+    uint32_t* kids = (uint32_t*)malloc(sizeof(uint32_t) * nk);
+    uint32_t* used = (uint32_t*)malloc(sizeof(uint32_t) * nk);
+    llmkv_token* feed = (llmkv_token*)malloc(sizeof(llmkv_token) * nk);
     llmkv_result r = LLMKV_OK;
     uint32_t n_live = 0, s, b, c, j;
     if (!seq || !nseq || !tok || !ntok || !sc || !nsc || !lp || !logits || !ones || !par || !ctok || !kids || !used || !feed)
