@@ -4736,6 +4736,159 @@ LLMKV__AVX512_KERNELS(q4, llmkv__z16_q4, llmkv__z_q4, LLMKV_DTYPE_Q4)
 LLMKV__AVX512_KERNELS(fp8, llmkv__z16_fp8, llmkv__z_fp8, LLMKV_DTYPE_FP8)
 LLMKV__AVX512_QK(q4c, llmkv__z16_code4, llmkv__z_code4, LLMKV_DTYPE_Q4C)
 
+/* --- AVX-512: Q4 values through a table per group ------------------------- */
+/* vpermps reads only the low four bits of each index lane, so a 4-bit code
+   in a 32-bit lane picks its entry from a 16-entry table directly. With the
+   table of a group's values, fmadd(0..15, s, m) (the rounding of the direct
+   dequantizer, so the results are bit-identical to llmkv__pv_avx512_q4), a
+   group's 32 values cost one widening of its 16 code bytes, one shift (the
+   high nibbles) and two lookups, where converting each code costs five
+   operations; the table and the lookups are shared by every row of the
+   block. The lookups give the group's even elements and its odd ones in
+   separate vectors, so the accumulators hold [even | odd] per group and
+   are permuted from and to the natural order once per call. head_dim a
+   multiple of 32 (other sizes keep the direct kernel). */
+LLMKV__I512 void llmkv__pvb_q4t(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v, size_t voff,
+                                const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, uint32_t R,
+                                uint32_t G, const unsigned char* const* pf, uint32_t npf) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 a[16], ve[2], vo[2];
+    uint32_t j, r, g, NA = 2 * G;
+    LLMKV__UNROLL for (r = 0; r < R; ++r)
+        LLMKV__UNROLL for (g = 0; g < G; ++g) {
+            const float* x = acc + (size_t)r * D + 32 * g;
+            __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+            a[r * NA + 2 * g] = _mm512_permutex2var_ps(x0, even, x1);
+            a[r * NA + 2 * g + 1] = _mm512_permutex2var_ps(x0, odd, x1);
+        }
+    for (j = 0; j < J; ++j) {
+        const unsigned char* row = v[j] + voff;
+        const unsigned char* sc = vs[j] + vsoff;
+        if (j < npf) _mm_prefetch((const char*)pf[j] + voff, _MM_HINT_T1);
+        LLMKV__UNROLL for (g = 0; g < G; ++g) {
+            /* (s, m) as F16 pairs in every lane pair, then each to all lanes */
+            int32_t pair;
+            __m512 sm;
+            memcpy(&pair, sc + 4 * g, 4);
+            sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
+            __m512 t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(row + 16 * g)));
+            ve[g] = _mm512_permutexvar_ps(b, t);
+            vo[g] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+        }
+        LLMKV__UNROLL for (r = 0; r < R; ++r) {
+            __m512 p = _mm512_set1_ps(P[(size_t)r * sj + j]);
+            LLMKV__UNROLL for (g = 0; g < G; ++g) {
+                a[r * NA + 2 * g] = _mm512_fmadd_ps(p, ve[g], a[r * NA + 2 * g]);
+                a[r * NA + 2 * g + 1] = _mm512_fmadd_ps(p, vo[g], a[r * NA + 2 * g + 1]);
+            }
+        }
+    }
+    LLMKV__UNROLL for (r = 0; r < R; ++r)
+        LLMKV__UNROLL for (g = 0; g < G; ++g) {
+            float* x = acc + (size_t)r * D + 32 * g;
+            __m512 e = a[r * NA + 2 * g], o = a[r * NA + 2 * g + 1];
+            _mm512_storeu_ps(x, _mm512_permutex2var_ps(e, lo, o));
+            _mm512_storeu_ps(x + 16, _mm512_permutex2var_ps(e, hi, o));
+        }
+}
+
+/* One QK block against Q4 keys through the group tables: the query rows'
+   even and odd elements of each group (two permutes per row and group,
+   shared by the block's keys) against the keys' even and odd values. */
+LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned char* const* kr,
+                                  const unsigned char* const* kc, uint32_t R, const unsigned char* const* pr) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 a[16], qe[4], qo[4];
+    uint32_t KB = 16 / R, c, r, i;
+    LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+    for (c = 0; c < D; c += 32) {
+        if (pr && c % 128 == 0) LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + c / 2, _MM_HINT_T1);
+        LLMKV__UNROLL for (r = 0; r < R; ++r) {
+            __m512 x0 = _mm512_loadu_ps(q + (size_t)r * D + c), x1 = _mm512_loadu_ps(q + (size_t)r * D + c + 16);
+            qe[r] = _mm512_permutex2var_ps(x0, even, x1);
+            qo[r] = _mm512_permutex2var_ps(x0, odd, x1);
+        }
+        LLMKV__UNROLL for (i = 0; i < KB; ++i) {
+            int32_t pair;
+            __m512 sm, t, ke, ko;
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(kr[i] + c / 2)));
+            memcpy(&pair, kc[i] + 4 * (c / LLMKV__QGROUP), 4);
+            sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
+            t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
+            ke = _mm512_permutexvar_ps(b, t);
+            ko = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+            LLMKV__UNROLL for (r = 0; r < R; ++r)
+                a[r * KB + i] = _mm512_fmadd_ps(qo[r], ko, _mm512_fmadd_ps(qe[r], ke, a[r * KB + i]));
+        }
+    }
+    return llmkv__reduce16(a);
+}
+
+static LLMKV__T512 void llmkv__qk_avx512_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
+                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
+    const unsigned char *kr[16], *kc[16], *pr[16];
+    uint32_t m = 0, j, R, KB;
+    if (D % 32) {
+        llmkv__qk_avx512_q4(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
+        return;
+    }
+    while (m < M) {
+        R = llmkv__row_block(M - m);
+        KB = 16 / R;
+        for (j = 0; j < J; j += KB) {
+            const float* qm = q + (size_t)m * D;
+            const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL; /* the first rows prefetch */
+            __m512 sv;
+            llmkv__block_rows(k, J, j, KB, koff, kr);
+            llmkv__block_rows(ks, J, j, KB, ksoff, kc);
+            if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
+            sv = R == 4 ? llmkv__qkb_q4t(qm, D, kr, kc, 4, prj)
+                        : R == 2 ? llmkv__qkb_q4t(qm, D, kr, kc, 2, prj) : llmkv__qkb_q4t(qm, D, kr, kc, 1, prj);
+            llmkv__store_scores(sv, S + (size_t)m * sj + j, sj, R);
+        }
+        m += R;
+    }
+}
+
+static LLMKV__T512 void llmkv__pv_avx512_q4t(const float* P, uint32_t sj, uint32_t M, uint32_t D,
+                                             const unsigned char* const* v, size_t voff, const unsigned char* const* vs,
+                                             size_t vsoff, uint32_t J, float* acc, const unsigned char* const* pf,
+                                             uint32_t npf) {
+    uint32_t m = 0, c, R;
+    if (D % 32) {
+        llmkv__pv_avx512_q4(P, sj, M, D, v, voff, vs, vsoff, J, acc, pf, npf);
+        return;
+    }
+    while (m < M) {
+        const float* Pm = P + (size_t)m * sj;
+        float* am = acc + (size_t)m * D;
+        const unsigned char* const* pfm = m == 0 ? pf : NULL; /* the first rows prefetch */
+        uint32_t npfm = m == 0 ? npf : 0;
+        R = llmkv__row_block(M - m);
+        for (c = 0; c < D; c += 64) {
+            size_t vo = voff + c / 2, so = vsoff + 4 * (c / LLMKV__QGROUP);
+            uint32_t G = D - c >= 64 ? 2 : 1;
+            switch (R * 2 + G) {
+            case 10: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 4, 2, pfm, npfm); break;
+            case 9: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 4, 1, pfm, npfm); break;
+            case 6: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 2, 2, pfm, npfm); break;
+            case 5: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 2, 1, pfm, npfm); break;
+            case 4: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 1, 2, pfm, npfm); break;
+            default: llmkv__pvb_q4t(Pm, sj, D, v, vo, vs, so, J, am + c, 1, 1, pfm, npfm); break;
+            }
+        }
+        m += R;
+    }
+}
+
 /* --- AVX-512 with BF16 dot products ---------------------------------------- */
 /* For BF16 K and V only: vdpbf16ps multiplies pairs of BF16 values and adds
    both products to an F32 lane, twice the work of an F32 FMA. QK splits the
@@ -5728,10 +5881,10 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         return;
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
-        k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4; k->qk[5] = llmkv__qk_avx512_fp8;
+        k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4t; k->qk[5] = llmkv__qk_avx512_fp8;
         k->qk[6] = llmkv__qk_avx512_q4c;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
-        k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4; k->pv[5] = llmkv__pv_avx512_fp8;
+        k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4t; k->pv[5] = llmkv__pv_avx512_fp8;
         k->ex = llmkv__ex_avx512;
         k->max = llmkv__max_avx512;
         return;
