@@ -4801,7 +4801,7 @@ LLMKV__I512 void llmkv__pvb_q4t(const float* P, uint32_t sj, uint32_t D, const u
    even and odd elements of each group (two permutes per row and group,
    shared by the block's keys) against the keys' even and odd values. */
 LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned char* const* kr,
-                                  const unsigned char* const* kc, uint32_t R, const unsigned char* const* pr) {
+                                  const unsigned char* const* kc, uint32_t R, const unsigned char* const* pr, int bare) {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -4817,11 +4817,13 @@ LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned cha
         }
         LLMKV__UNROLL for (i = 0; i < KB; ++i) {
             int32_t pair;
-            __m512 sm, t, ke, ko;
+            __m512 sm, t = iota, ke, ko;
             __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(kr[i] + c / 2)));
-            memcpy(&pair, kc[i] + 4 * (c / LLMKV__QGROUP), 4);
-            sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
-            t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
+            if (!bare) {
+                memcpy(&pair, kc[i] + 4 * (c / LLMKV__QGROUP), 4);
+                sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
+                t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
+            }
             ke = _mm512_permutexvar_ps(b, t);
             ko = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
             LLMKV__UNROLL for (r = 0; r < R; ++r)
@@ -4831,15 +4833,11 @@ LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned cha
     return llmkv__reduce16(a);
 }
 
-static LLMKV__T512 void llmkv__qk_avx512_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
-                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
-                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
+LLMKV__I512 void llmkv__qk_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
+                               const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
+                               const unsigned char* const* pf, uint32_t npf, int bare) {
     const unsigned char *kr[16], *kc[16], *pr[16];
     uint32_t m = 0, j, R, KB;
-    if (D % 32) {
-        llmkv__qk_avx512_q4(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
-        return;
-    }
     while (m < M) {
         R = llmkv__row_block(M - m);
         KB = 16 / R;
@@ -4848,14 +4846,28 @@ static LLMKV__T512 void llmkv__qk_avx512_q4t(const float* q, uint32_t M, uint32_
             const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL; /* the first rows prefetch */
             __m512 sv;
             llmkv__block_rows(k, J, j, KB, koff, kr);
-            llmkv__block_rows(ks, J, j, KB, ksoff, kc);
+            if (!bare) llmkv__block_rows(ks, J, j, KB, ksoff, kc);
             if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
-            sv = R == 4 ? llmkv__qkb_q4t(qm, D, kr, kc, 4, prj)
-                        : R == 2 ? llmkv__qkb_q4t(qm, D, kr, kc, 2, prj) : llmkv__qkb_q4t(qm, D, kr, kc, 1, prj);
+            sv = R == 4 ? llmkv__qkb_q4t(qm, D, kr, kc, 4, prj, bare)
+                        : R == 2 ? llmkv__qkb_q4t(qm, D, kr, kc, 2, prj, bare) : llmkv__qkb_q4t(qm, D, kr, kc, 1, prj, bare);
             llmkv__store_scores(sv, S + (size_t)m * sj + j, sj, R);
         }
         m += R;
     }
+}
+
+/* Q4 keys, and Q4C's bare codes (the table 0..15, no scale rows). */
+static LLMKV__T512 void llmkv__qk_avx512_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
+                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
+    if (D % 32) llmkv__qk_avx512_q4(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
+    else llmkv__qk_q4t(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf, 0);
+}
+static LLMKV__T512 void llmkv__qk_avx512_code4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                                                size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
+                                                float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
+    if (D % 32) llmkv__qk_avx512_q4c(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
+    else llmkv__qk_q4t(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf, 1);
 }
 
 static LLMKV__T512 void llmkv__pv_avx512_q4t(const float* P, uint32_t sj, uint32_t M, uint32_t D,
@@ -5882,7 +5894,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
         k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4t; k->qk[5] = llmkv__qk_avx512_fp8;
-        k->qk[6] = llmkv__qk_avx512_q4c;
+        k->qk[6] = llmkv__qk_avx512_code4t;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
         k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4t; k->pv[5] = llmkv__pv_avx512_fp8;
         k->ex = llmkv__ex_avx512;
