@@ -4736,6 +4736,63 @@ LLMKV__AVX512_KERNELS(q4, llmkv__z16_q4, llmkv__z_q4, LLMKV_DTYPE_Q4)
 LLMKV__AVX512_KERNELS(fp8, llmkv__z16_fp8, llmkv__z_fp8, LLMKV_DTYPE_FP8)
 LLMKV__AVX512_QK(q4c, llmkv__z16_code4, llmkv__z_code4, LLMKV_DTYPE_Q4C)
 
+/* --- AVX-512: Q8 keys a group at a time ------------------------------------ */
+/* The generic QK block converts each 16-element chunk with its own copy of
+   the group's scale (a broadcast and an F16 conversion per chunk); this
+   one converts the scale once per 32-element group and key. The products
+   and their order are those of the generic block, so the scores are
+   bit-identical. head_dim a multiple of 32. */
+LLMKV__I512 __m512 llmkv__qkb_q8g(const float* q, uint32_t D, const unsigned char* const* kr,
+                                  const unsigned char* const* kc, uint32_t R, const unsigned char* const* pr) {
+    __m512 a[16], q0[4], q1[4];
+    uint32_t KB = 16 / R, c, r, i;
+    LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+    for (c = 0; c < D; c += 32) {
+        if (pr && c % 64 == 0) LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + c, _MM_HINT_T1);
+        LLMKV__UNROLL for (r = 0; r < R; ++r) {
+            q0[r] = _mm512_loadu_ps(q + (size_t)r * D + c);
+            q1[r] = _mm512_loadu_ps(q + (size_t)r * D + c + 16);
+        }
+        LLMKV__UNROLL for (i = 0; i < KB; ++i) {
+            __m512 sv = llmkv__z_f16_bcast(kc[i] + 2 * (c / LLMKV__QGROUP));
+            const unsigned char* kp = kr[i] + c;
+            __m512 k0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)kp))), sv);
+            __m512 k1 = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(kp + 16)))), sv);
+            LLMKV__UNROLL for (r = 0; r < R; ++r)
+                a[r * KB + i] = _mm512_fmadd_ps(q1[r], k1, _mm512_fmadd_ps(q0[r], k0, a[r * KB + i]));
+        }
+    }
+    return llmkv__reduce16(a);
+}
+
+static LLMKV__T512 void llmkv__qk_avx512_q8g(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
+                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
+                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
+    const unsigned char *kr[16], *kc[16], *pr[16];
+    uint32_t m = 0, j, R, KB;
+    if (D % 32) {
+        llmkv__qk_avx512_q8(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
+        return;
+    }
+    while (m < M) {
+        R = llmkv__row_block(M - m);
+        KB = 16 / R;
+        for (j = 0; j < J; j += KB) {
+            const float* qm = q + (size_t)m * D;
+            const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL; /* the first rows prefetch */
+            __m512 sv;
+            llmkv__block_rows(k, J, j, KB, koff, kr);
+            llmkv__block_rows(ks, J, j, KB, ksoff, kc);
+            if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
+            sv = R == 4 ? llmkv__qkb_q8g(qm, D, kr, kc, 4, prj)
+                        : R == 2 ? llmkv__qkb_q8g(qm, D, kr, kc, 2, prj) : llmkv__qkb_q8g(qm, D, kr, kc, 1, prj);
+            llmkv__store_scores(sv, S + (size_t)m * sj + j, sj, R);
+        }
+        m += R;
+    }
+}
+
 /* --- AVX-512: Q4 values through a table per group ------------------------- */
 /* vpermps reads only the low four bits of each index lane, so a 4-bit code
    in a 32-bit lane picks its entry from a 16-entry table directly. With the
@@ -5893,7 +5950,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         return;
     case LLMKV_CPU_PATH_AVX512:
         k->qk[0] = llmkv__qk_avx512_f32; k->qk[1] = llmkv__qk_avx512_f16; k->qk[2] = llmkv__qk_avx512_bf16;
-        k->qk[3] = llmkv__qk_avx512_q8; k->qk[4] = llmkv__qk_avx512_q4t; k->qk[5] = llmkv__qk_avx512_fp8;
+        k->qk[3] = llmkv__qk_avx512_q8g; k->qk[4] = llmkv__qk_avx512_q4t; k->qk[5] = llmkv__qk_avx512_fp8;
         k->qk[6] = llmkv__qk_avx512_code4t;
         k->pv[0] = llmkv__pv_avx512_f32; k->pv[1] = llmkv__pv_avx512_f16; k->pv[2] = llmkv__pv_avx512_bf16;
         k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4t; k->pv[5] = llmkv__pv_avx512_fp8;
