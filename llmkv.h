@@ -4766,33 +4766,6 @@ LLMKV__I512 __m512 llmkv__qkb_q8g(const float* q, uint32_t D, const unsigned cha
     return llmkv__reduce16(a);
 }
 
-static LLMKV__T512 void llmkv__qk_avx512_q8g(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
-                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
-                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
-    const unsigned char *kr[16], *kc[16], *pr[16];
-    uint32_t m = 0, j, R, KB;
-    if (D % 32) {
-        llmkv__qk_avx512_q8(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
-        return;
-    }
-    while (m < M) {
-        R = llmkv__row_block(M - m);
-        KB = 16 / R;
-        for (j = 0; j < J; j += KB) {
-            const float* qm = q + (size_t)m * D;
-            const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL; /* the first rows prefetch */
-            __m512 sv;
-            llmkv__block_rows(k, J, j, KB, koff, kr);
-            llmkv__block_rows(ks, J, j, KB, ksoff, kc);
-            if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
-            sv = R == 4 ? llmkv__qkb_q8g(qm, D, kr, kc, 4, prj)
-                        : R == 2 ? llmkv__qkb_q8g(qm, D, kr, kc, 2, prj) : llmkv__qkb_q8g(qm, D, kr, kc, 1, prj);
-            llmkv__store_scores(sv, S + (size_t)m * sj + j, sj, R);
-        }
-        m += R;
-    }
-}
-
 /* --- AVX-512: Q4 values through a table per group ------------------------- */
 /* vpermps reads only the low four bits of each index lane, so a 4-bit code
    in a 32-bit lane picks its entry from a 16-entry table directly. With the
@@ -4890,9 +4863,12 @@ LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned cha
     return llmkv__reduce16(a);
 }
 
-LLMKV__I512 void llmkv__qk_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
-                               const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
-                               const unsigned char* const* pf, uint32_t npf, int bare) {
+/* The driver of the group-at-a-time QK blocks (rows in blocks of 4, 2, 1,
+   as LLMKV__AVX512_QK); kind 0: Q8 keys, 1: Q4 keys, 2: Q4C's bare codes
+   (no scale rows). head_dim a multiple of 32. */
+LLMKV__I512 void llmkv__qk_grouped(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
+                                   const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
+                                   const unsigned char* const* pf, uint32_t npf, int kind) {
     const unsigned char *kr[16], *kc[16], *pr[16];
     uint32_t m = 0, j, R, KB;
     while (m < M) {
@@ -4903,29 +4879,33 @@ LLMKV__I512 void llmkv__qk_q4t(const float* q, uint32_t M, uint32_t D, const uns
             const unsigned char* const* prj = m == 0 && j < npf ? pr : NULL; /* the first rows prefetch */
             __m512 sv;
             llmkv__block_rows(k, J, j, KB, koff, kr);
-            if (!bare) llmkv__block_rows(ks, J, j, KB, ksoff, kc);
+            if (kind != 2) llmkv__block_rows(ks, J, j, KB, ksoff, kc);
             if (prj) llmkv__block_rows(pf, npf, j, KB, koff, pr);
-            sv = R == 4 ? llmkv__qkb_q4t(qm, D, kr, kc, 4, prj, bare)
-                        : R == 2 ? llmkv__qkb_q4t(qm, D, kr, kc, 2, prj, bare) : llmkv__qkb_q4t(qm, D, kr, kc, 1, prj, bare);
+            if (kind == 0)
+                sv = R == 4 ? llmkv__qkb_q8g(qm, D, kr, kc, 4, prj)
+                            : R == 2 ? llmkv__qkb_q8g(qm, D, kr, kc, 2, prj) : llmkv__qkb_q8g(qm, D, kr, kc, 1, prj);
+            else
+                sv = R == 4   ? llmkv__qkb_q4t(qm, D, kr, kc, 4, prj, kind == 2)
+                     : R == 2 ? llmkv__qkb_q4t(qm, D, kr, kc, 2, prj, kind == 2)
+                              : llmkv__qkb_q4t(qm, D, kr, kc, 1, prj, kind == 2);
             llmkv__store_scores(sv, S + (size_t)m * sj + j, sj, R);
         }
         m += R;
     }
 }
 
-/* Q4 keys, and Q4C's bare codes (the table 0..15, no scale rows). */
-static LLMKV__T512 void llmkv__qk_avx512_q4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
-                                             size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
-                                             float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
-    if (D % 32) llmkv__qk_avx512_q4(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
-    else llmkv__qk_q4t(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf, 0);
-}
-static LLMKV__T512 void llmkv__qk_avx512_code4t(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k,
-                                                size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J,
-                                                float* S, uint32_t sj, const unsigned char* const* pf, uint32_t npf) {
-    if (D % 32) llmkv__qk_avx512_q4c(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);
-    else llmkv__qk_q4t(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf, 1);
-}
+/* Q8 keys, Q4 keys, and Q4C's bare codes (the table 0..15); other
+   head_dims take the generic kernels. */
+#define LLMKV__QK_GROUPED(NAME, FALLBACK, KIND)                                                                      \
+    static LLMKV__T512 void NAME(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff, \
+                                 const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,   \
+                                 const unsigned char* const* pf, uint32_t npf) {                                    \
+        if (D % 32) FALLBACK(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf);                                       \
+        else llmkv__qk_grouped(q, M, D, k, koff, ks, ksoff, J, S, sj, pf, npf, KIND);                                \
+    }
+LLMKV__QK_GROUPED(llmkv__qk_avx512_q8g, llmkv__qk_avx512_q8, 0)
+LLMKV__QK_GROUPED(llmkv__qk_avx512_q4t, llmkv__qk_avx512_q4, 1)
+LLMKV__QK_GROUPED(llmkv__qk_avx512_code4t, llmkv__qk_avx512_q4c, 2)
 
 static LLMKV__T512 void llmkv__pv_avx512_q4t(const float* P, uint32_t sj, uint32_t M, uint32_t D,
                                              const unsigned char* const* v, size_t voff, const unsigned char* const* vs,
