@@ -4455,14 +4455,16 @@ static LLMKV__T512 __m512 llmkv__z_bf16(__mmask16 m, const unsigned char* p, con
 static LLMKV__T512 __m512 llmkv__z_f16_bcast(const unsigned char* h) {
     return _mm512_cvtph_ps(_mm256_set1_epi16((short)llmkv__ld_u16(h)));
 }
-/* 16 E4M3 codes (in 32-bit lanes) to their values. */
-static LLMKV__T512 __m512 llmkv__z_e4m3(__m512i code) {
-    __m512i m7 = _mm512_and_si512(code, _mm512_set1_epi32(0x7f));
-    __m512 nrm = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(m7, 20), _mm512_set1_epi32(0x3c000000)));
-    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m7), _mm512_set1_ps(1.0f / 512.0f));
-    __m512 v = _mm512_mask_blend_ps(_mm512_cmplt_epu32_mask(m7, _mm512_set1_epi32(8)), nrm, sub);
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v),
-                                                _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24)));
+/* E4M3 codes as F16 bit patterns worth 1/256 of their values: the
+   magnitude's 7 bits placed at F16 bits 13..7 give 2^(e - 15) (1 + m/8),
+   E4M3's 2^(e - 7) (1 + m/8) over 256, and for e = 0 the F16 subnormal
+   m 2^-17, E4M3's m 2^-9 over 256; the sign goes to bit 15. So a code
+   costs two shifts and a merge before the F16 conversion, and the scale
+   multiplies in the 256 (a power of two: the product rounds once, as
+   value * scale does, so the results equal the direct decoding's). */
+static LLMKV__T512 __m256i llmkv__z_e4m3_f16(__m256i w) { /* codes in 16-bit lanes */
+    __m256i mag = _mm256_srli_epi16(_mm256_slli_epi16(w, 9), 2);
+    return _mm256_ternarylogic_epi32(_mm256_slli_epi16(w, 8), mag, _mm256_set1_epi16((short)0x8000), 0xEC); /* (a & sign) | mag */
 }
 /* The values of 16 loaded bytes: Q8 codes, Q4 code pairs (the low 8
    bytes), FP8 codes; elements [c, c + 16) of their vector. */
@@ -4479,7 +4481,8 @@ static LLMKV__T512 __m512 llmkv__z_q4_bytes(__m128i b, const unsigned char* sc, 
     return _mm512_fmadd_ps(llmkv__z_code4_bytes(b), llmkv__z_f16_bcast(g), llmkv__z_f16_bcast(g + 2));
 }
 static LLMKV__T512 __m512 llmkv__z_fp8_bytes(__m128i b, const unsigned char* sc) {
-    return _mm512_mul_ps(llmkv__z_e4m3(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(llmkv__ld_f32s(sc)));
+    return _mm512_mul_ps(_mm512_cvtph_ps(llmkv__z_e4m3_f16(_mm256_cvtepu8_epi16(b))),
+                         _mm512_set1_ps(256.0f * llmkv__ld_f32s(sc)));
 }
 static LLMKV__T512 __m512 llmkv__z_q8(__mmask16 m, const unsigned char* p, const unsigned char* sc, uint32_t c) {
     return llmkv__z_q8_bytes(_mm_maskz_loadu_epi8(m, p + c), sc, c);
@@ -5286,15 +5289,12 @@ static LLMKV__T256 __m256 llmkv__y_q4(const unsigned char* p, const unsigned cha
     const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
     return _mm256_fmadd_ps(llmkv__y_code4(p, sc, c), llmkv__y_f16_bcast(g), llmkv__y_f16_bcast(g + 2));
 }
+/* E4M3 through F16 bit patterns, as llmkv__z_e4m3_f16 explains. */
 static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
-    __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(const void*)(p + c)));
-    __m256i m7 = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
-    __m256 nrm = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(m7, 20), _mm256_set1_epi32(0x3c000000)));
-    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m7), _mm256_set1_ps(1.0f / 512.0f));
-    __m256 v = _mm256_blendv_ps(nrm, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), m7)));
-    v = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v),
-                                             _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24)));
-    return _mm256_mul_ps(v, _mm256_set1_ps(llmkv__ld_f32s(sc)));
+    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(const void*)(p + c)));
+    __m128i mag = _mm_srli_epi16(_mm_slli_epi16(w, 9), 2);
+    __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(w, 8), _mm_set1_epi16((short)0x8000)), mag);
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f * llmkv__ld_f32s(sc)));
 }
 
 #define LLMKV__AVX2_QK(SUFFIX, LD, LDS, TY)                                                                  \
