@@ -5660,18 +5660,14 @@ static float32x4_t llmkv__n_q4(const unsigned char* p, const unsigned char* sc, 
     const unsigned char* g = sc + 4 * (c / LLMKV__QGROUP);
     return vfmaq_n_f32(vdupq_n_f32(llmkv__n_f16_scalar(g + 2)), llmkv__n_code4(p, sc, c), llmkv__n_f16_scalar(g));
 }
+/* E4M3 through F16 bit patterns, as llmkv__z_e4m3_f16 explains. */
 static float32x4_t llmkv__n_fp8(const unsigned char* p, const unsigned char* sc, uint32_t c) {
     uint32_t w;
-    uint32x4_t code, m7;
-    float32x4_t nrm, sub, v;
+    uint16x4_t x, h;
     memcpy(&w, p + c, 4);
-    code = llmkv__n_fields(w, 8);
-    m7 = vandq_u32(code, vdupq_n_u32(0x7f));
-    nrm = vreinterpretq_f32_u32(vaddq_u32(vshlq_n_u32(m7, 20), vdupq_n_u32(0x3c000000u)));
-    sub = vmulq_n_f32(vcvtq_f32_u32(m7), 1.0f / 512.0f);
-    v = vbslq_f32(vcltq_u32(m7, vdupq_n_u32(8)), sub, nrm);
-    v = vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(v), vshlq_n_u32(vandq_u32(code, vdupq_n_u32(0x80)), 24)));
-    return vmulq_n_f32(v, llmkv__ld_f32s(sc));
+    x = vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(w))));
+    h = vorr_u16(vand_u16(vshl_n_u16(x, 8), vdup_n_u16(0x8000)), vshr_n_u16(vshl_n_u16(x, 9), 2));
+    return vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(h)), 256.0f * llmkv__ld_f32s(sc));
 }
 
 #define LLMKV__NEON_QK(SUFFIX, LD, LDS, TY)                                                                  \
