@@ -4775,40 +4775,46 @@ LLMKV__I512 __m512 llmkv__qkb_q8g(const float* q, uint32_t D, const unsigned cha
    table of a group's values, fmadd(0..15, s, m) (the rounding of the direct
    dequantizer, so the results are bit-identical to llmkv__pv_avx512_q4), a
    group's 32 values cost one widening of its 16 code bytes, one shift (the
-   high nibbles) and two lookups, where converting each code costs five
-   operations; the table and the lookups are shared by every row of the
-   block. The lookups give the group's even elements and its odd ones in
+   high nibbles) and two lookups, where the code-by-code loader spends about
+   fifteen operations per 16 values; the table and the lookups are shared
+   by every row of the block. The lookups give the group's even elements and its odd ones in
    separate vectors, so the accumulators hold [even | odd] per group and
    are permuted from and to the natural order once per call. head_dim a
    multiple of 32 (other sizes keep the direct kernel). */
+/* The 16 values of a Q4 group whose F16 (scale, minimum) pair is at sm:
+   fmadd(0..15, s, m); bare (Q4C's raw codes): 0..15. */
+LLMKV__I512 __m512 llmkv__z_q4_table(const unsigned char* sm, int bare) {
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    int32_t pair;
+    __m512 v;
+    if (bare) return iota;
+    memcpy(&pair, sm, 4);
+    v = _mm512_cvtph_ps(_mm256_set1_epi32(pair)); /* s, m, s, m, ... */
+    return _mm512_fmadd_ps(iota, _mm512_moveldup_ps(v), _mm512_movehdup_ps(v));
+}
+/* The even and the odd elements of the 32 floats at x. */
+LLMKV__I512 void llmkv__z_even_odd(const float* x, __m512* even, __m512* odd) {
+    __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+    *even = _mm512_permutex2var_ps(x0, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0), x1);
+    *odd = _mm512_permutex2var_ps(x0, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), x1);
+}
+
 LLMKV__I512 void llmkv__pvb_q4t(const float* P, uint32_t sj, uint32_t D, const unsigned char* const* v, size_t voff,
                                 const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc, uint32_t R,
                                 uint32_t G, const unsigned char* const* pf, uint32_t npf) {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     __m512 a[16], ve[2], vo[2];
     uint32_t j, r, g, NA = 2 * G;
     LLMKV__UNROLL for (r = 0; r < R; ++r)
-        LLMKV__UNROLL for (g = 0; g < G; ++g) {
-            const float* x = acc + (size_t)r * D + 32 * g;
-            __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-            a[r * NA + 2 * g] = _mm512_permutex2var_ps(x0, even, x1);
-            a[r * NA + 2 * g + 1] = _mm512_permutex2var_ps(x0, odd, x1);
-        }
+        LLMKV__UNROLL for (g = 0; g < G; ++g)
+            llmkv__z_even_odd(acc + (size_t)r * D + 32 * g, &a[r * NA + 2 * g], &a[r * NA + 2 * g + 1]);
     for (j = 0; j < J; ++j) {
         const unsigned char* row = v[j] + voff;
         const unsigned char* sc = vs[j] + vsoff;
         if (j < npf) _mm_prefetch((const char*)pf[j] + voff, _MM_HINT_T1);
         LLMKV__UNROLL for (g = 0; g < G; ++g) {
-            /* (s, m) as F16 pairs in every lane pair, then each to all lanes */
-            int32_t pair;
-            __m512 sm;
-            memcpy(&pair, sc + 4 * g, 4);
-            sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
-            __m512 t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
+            __m512 t = llmkv__z_q4_table(sc + 4 * g, 0);
             __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(row + 16 * g)));
             ve[g] = _mm512_permutexvar_ps(b, t);
             vo[g] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
@@ -4835,30 +4841,16 @@ LLMKV__I512 void llmkv__pvb_q4t(const float* P, uint32_t sj, uint32_t D, const u
    shared by the block's keys) against the keys' even and odd values. */
 LLMKV__I512 __m512 llmkv__qkb_q4t(const float* q, uint32_t D, const unsigned char* const* kr,
                                   const unsigned char* const* kc, uint32_t R, const unsigned char* const* pr, int bare) {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     __m512 a[16], qe[4], qo[4];
     uint32_t KB = 16 / R, c, r, i;
     LLMKV__UNROLL for (i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
     for (c = 0; c < D; c += 32) {
         if (pr && c % 128 == 0) LLMKV__UNROLL for (i = 0; i < KB; ++i) _mm_prefetch((const char*)pr[i] + c / 2, _MM_HINT_T1);
-        LLMKV__UNROLL for (r = 0; r < R; ++r) {
-            __m512 x0 = _mm512_loadu_ps(q + (size_t)r * D + c), x1 = _mm512_loadu_ps(q + (size_t)r * D + c + 16);
-            qe[r] = _mm512_permutex2var_ps(x0, even, x1);
-            qo[r] = _mm512_permutex2var_ps(x0, odd, x1);
-        }
+        LLMKV__UNROLL for (r = 0; r < R; ++r) llmkv__z_even_odd(q + (size_t)r * D + c, &qe[r], &qo[r]);
         LLMKV__UNROLL for (i = 0; i < KB; ++i) {
-            int32_t pair;
-            __m512 sm, t = iota, ke, ko;
+            __m512 t = llmkv__z_q4_table(bare ? NULL : kc[i] + 4 * (c / LLMKV__QGROUP), bare);
             __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(const void*)(kr[i] + c / 2)));
-            if (!bare) {
-                memcpy(&pair, kc[i] + 4 * (c / LLMKV__QGROUP), 4);
-                sm = _mm512_cvtph_ps(_mm256_set1_epi32(pair));
-                t = _mm512_fmadd_ps(iota, _mm512_moveldup_ps(sm), _mm512_movehdup_ps(sm));
-            }
-            ke = _mm512_permutexvar_ps(b, t);
-            ko = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+            __m512 ke = _mm512_permutexvar_ps(b, t), ko = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
             LLMKV__UNROLL for (r = 0; r < R; ++r)
                 a[r * KB + i] = _mm512_fmadd_ps(qo[r], ko, _mm512_fmadd_ps(qe[r], ke, a[r * KB + i]));
         }
