@@ -122,6 +122,29 @@ static inline void llama__assign(llama_model* m) {
     m->classifier = m->shared_classifier ? m->embed : p;
 }
 
+/* The steps both loaders share once they hold the header h and know the
+   input's size: the header checks, the size it implies, and the weight
+   array (*n_floats of them, uninitialised). Returns 0, or -1 with a
+   reason in `err` and m cleared. */
+static inline int llama__prepare(llama_model* m, const int32_t h[7], long long size, const char* name,
+                                 long long* n_floats, char* err, size_t err_size) {
+    long long want;
+    if (llama__parse_header(m, h, name, n_floats, err, err_size) != 0) return -1;
+    want = (long long)(7 * sizeof(int32_t)) + 4 * *n_floats;
+    if (size != want) {
+        memset(m, 0, sizeof *m);
+        llama__err(err, err_size, "%s: wrong size for its header (expected %lld bytes)", name, want);
+        return -1;
+    }
+    m->data = (float*)malloc((size_t)(*n_floats * 4));
+    if (!m->data) {
+        memset(m, 0, sizeof *m);
+        llama__err(err, err_size, "%s: out of memory (%lld floats)", name, *n_floats);
+        return -1;
+    }
+    return 0;
+}
+
 /* Loads a llama2.c "legacy" checkpoint from a file: the header must pass
    llama__parse_header and the file must hold exactly the weights it
    implies. Returns 0, or -1 with a one-line reason in `err` (nothing to
@@ -129,7 +152,7 @@ static inline void llama__assign(llama_model* m) {
 static inline int llama_load(llama_model* m, const char* path, char* err, size_t err_size) {
     FILE* f;
     int32_t h[7];
-    long long size, want, n_floats = 0;
+    long long size, n_floats = 0;
     memset(m, 0, sizeof *m);
     f = fopen(path, "rb");
     if (!f) {
@@ -146,23 +169,15 @@ static inline int llama_load(llama_model* m, const char* path, char* err, size_t
         llama__err(err, err_size, "%s: too short for a checkpoint header (%lld bytes)", path, size);
         return -1;
     }
-    if (llama__parse_header(m, h, path, &n_floats, err, err_size) != 0) {
+    if (llama__prepare(m, h, size, path, &n_floats, err, err_size) != 0) {
         fclose(f);
         return -1;
     }
-    want = (long long)sizeof h + 4 * n_floats;
-    if (size != want) {
-        fclose(f);
-        memset(m, 0, sizeof *m);
-        llama__err(err, err_size, "%s: wrong size for its header (expected %lld bytes)", path, want);
-        return -1;
-    }
-    m->data = (float*)malloc((size_t)(n_floats * 4));
-    if (!m->data || fread(m->data, 4, (size_t)n_floats, f) != (size_t)n_floats) {
+    if (fread(m->data, 4, (size_t)n_floats, f) != (size_t)n_floats) {
         free(m->data);
         fclose(f);
         memset(m, 0, sizeof *m);
-        llama__err(err, err_size, "%s: out of memory or read error (%lld floats)", path, n_floats);
+        llama__err(err, err_size, "%s: read error (%lld floats)", path, n_floats);
         return -1;
     }
     fclose(f);
@@ -175,26 +190,14 @@ static inline int llama_load(llama_model* m, const char* path, char* err, size_t
 static inline int llama_load_mem(llama_model* m, const void* data, size_t size, const char* name, char* err,
                                  size_t err_size) {
     int32_t h[7];
-    long long n_floats = 0, want;
+    long long n_floats = 0;
     memset(m, 0, sizeof *m);
     if (!data || size < sizeof h) {
         llama__err(err, err_size, "%s: too short for a checkpoint header (%lld bytes)", name, (long long)size);
         return -1;
     }
     memcpy(h, data, sizeof h);
-    if (llama__parse_header(m, h, name, &n_floats, err, err_size) != 0) return -1;
-    want = (long long)sizeof h + 4 * n_floats;
-    if ((long long)size != want) {
-        memset(m, 0, sizeof *m);
-        llama__err(err, err_size, "%s: wrong size for its header (expected %lld bytes)", name, want);
-        return -1;
-    }
-    m->data = (float*)malloc((size_t)(n_floats * 4));
-    if (!m->data) {
-        memset(m, 0, sizeof *m);
-        llama__err(err, err_size, "%s: out of memory (%lld floats)", name, n_floats);
-        return -1;
-    }
+    if (llama__prepare(m, h, (long long)size, name, &n_floats, err, err_size) != 0) return -1;
     memcpy(m->data, (const char*)data + sizeof h, (size_t)(n_floats * 4));
     llama__assign(m);
     return 0;
