@@ -31,7 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     llama_opts o;
     llmkv_seq seq;
     llmkv_stats st;
-    llmkv_token prompt = 1, out[8];
+    llmkv_token prompt, out[8];
     char err[512];
     uint32_t steps, i;
     uint64_t rng = llama_rng(size);
@@ -48,8 +48,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     o.v_dtype = types[data[size - 3] % 6];
     o.max_rows = 8;
     if (llama_engine_create(&e, &m, &o) == LLMKV_OK) {
-        if (m.c.vocab_size > 1) prompt = 1;
-        else prompt = 0;
+        prompt = m.c.vocab_size > 1 ? 1 : 0; /* BOS when the vocabulary has it */
         steps = (uint32_t)m.c.seq_len < 8 ? (uint32_t)m.c.seq_len : 8;
         if (llmkv_seq_create(e.kv, &seq) != LLMKV_OK) fail("no sequence in a fresh cache");
         if (llama_generate(&e, seq, &prompt, 1, steps, 0.0f, &rng, out) != LLMKV_OK) fail("generation failed");
