@@ -967,22 +967,30 @@ LLMKV_API llmkv_result llmkv_cache_check(llmkv_cache* cache, char* message, size
 
 /* CPU code paths. x86 chooses at run time (cpuid + xgetbv), so one binary
    runs on every x86-64 machine; AArch64 always has NEON. AUTO prefers
-   AVX512_BF16, then AVX512, AVX2, NEON, scalar. */
+   AVX512_BF16 on AMD CPUs, then AVX512_VNNI (every other CPU with VNNI,
+   Intel's with AVX512_BF16 included: there the vdpbf16ps kernels read
+   BF16 1.6x slower than the FMA kernels), then AVX512, AVX2, NEON,
+   scalar. docs/DESIGN.md ("Kernels") has the measurements. */
 typedef enum llmkv_cpu_path {
-    LLMKV_CPU_PATH_AUTO = 0,    /* the best supported; env LLMKV_CPU_PATH=scalar|avx2|avx512|neon|avx512bf16 overrides */
+    LLMKV_CPU_PATH_AUTO = 0,    /* the best supported; env LLMKV_CPU_PATH=scalar|avx2|avx512|neon|avx512bf16|avx512vnni
+                                   overrides */
     LLMKV_CPU_PATH_SCALAR = 1,  /* portable C: the reference every other path is tested against */
     LLMKV_CPU_PATH_AVX2 = 2,    /* AVX2 + FMA + F16C */
     LLMKV_CPU_PATH_AVX512 = 3,  /* AVX-512 F/BW/VL/DQ (F32 arithmetic for every storage type) */
     LLMKV_CPU_PATH_NEON = 4,    /* AArch64 Advanced SIMD */
-    LLMKV_CPU_PATH_AVX512_BF16 = 5 /* AVX-512 plus AVX512-BF16 and AVX512-VNNI: BF16 K and V use
+    LLMKV_CPU_PATH_AVX512_BF16 = 5, /* AVX-512 plus AVX512-BF16 and AVX512-VNNI: BF16 K and V use
                                    vdpbf16ps dot products (the query split into two BF16 parts,
                                    the softmax weights rounded to BF16, F32 accumulation); Q4
                                    keys with head_dim a multiple of 128 use vpdpbusd against
                                    the query rounded to int8 per row (q_int =
                                    rint(q * 127 / max|q|), q the scaled query); other storage
                                    types as LLMKV_CPU_PATH_AVX512 */
+    LLMKV_CPU_PATH_AVX512_VNNI = 6 /* AVX-512 plus AVX512-VNNI: Q4 keys as LLMKV_CPU_PATH_AVX512_BF16
+                                   scores them (vpdpbusd, the query rounded to int8 per row);
+                                   every other storage type, BF16 included, as
+                                   LLMKV_CPU_PATH_AVX512 */
 } llmkv_cpu_path;
-#define LLMKV_CPU_PATH_LAST LLMKV_CPU_PATH_AVX512_BF16 /* the highest path value */
+#define LLMKV_CPU_PATH_LAST LLMKV_CPU_PATH_AVX512_VNNI /* the highest path value */
 
 /* 1 when this build and this machine can run `path` (AUTO: always).
    Thread safety: any thread. */
@@ -4174,6 +4182,7 @@ static int llmkv__cpu_has(llmkv_cpu_path path) {
 #ifdef LLMKV__X86
     case LLMKV_CPU_PATH_AVX2:
     case LLMKV_CPU_PATH_AVX512:
+    case LLMKV_CPU_PATH_AVX512_VNNI:
     case LLMKV_CPU_PATH_AVX512_BF16: {
         unsigned a, b, c, d;
         uint64_t xcr;
@@ -4192,6 +4201,7 @@ static int llmkv__cpu_has(llmkv_cpu_path path) {
         if ((xcr & 0xe6) != 0xe6) return 0;
         if (path == LLMKV_CPU_PATH_AVX512) return 1;
         if ((c & (1u << 11)) == 0) return 0; /* AVX512_VNNI */
+        if (path == LLMKV_CPU_PATH_AVX512_VNNI) return 1;
         /* AVX512_BF16: leaf 7 sub-leaf 1, EAX bit 5 */
         if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
         return (a & (1u << 5)) != 0;
@@ -4214,6 +4224,7 @@ LLMKV_API const char* llmkv_cpu_path_name(llmkv_cpu_path path) {
     case LLMKV_CPU_PATH_AVX512: return "avx512";
     case LLMKV_CPU_PATH_NEON: return "neon";
     case LLMKV_CPU_PATH_AVX512_BF16: return "avx512bf16";
+    case LLMKV_CPU_PATH_AVX512_VNNI: return "avx512vnni";
     }
     return "?";
 }
@@ -4226,6 +4237,20 @@ static uint32_t llmkv__cpu_detect(void) {
     return paths;
 }
 
+/* 1 where the vdpbf16ps kernels are expected to beat the FMA kernels on
+   BF16: AMD CPUs. No feature bit says how fast vdpbf16ps runs; on an Intel
+   Xeon (Emerald Rapids) it ran at 0.7 of the FMA rate (1.13 G/s against
+   1.6 G/s per core) and BF16 decode took 1.6x as long as with FMAs. */
+static int llmkv__cpu_bf16_dot_fast(void) {
+#ifdef LLMKV__X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
+#else
+    return 0;
+#endif
+}
+
 static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths) {
     const char* env = getenv("LLMKV_CPU_PATH");
     int p;
@@ -4233,7 +4258,8 @@ static llmkv_cpu_path llmkv__cpu_auto(uint32_t paths) {
         for (p = LLMKV_CPU_PATH_SCALAR; p <= LLMKV_CPU_PATH_LAST; ++p)
             if (strcmp(env, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0 && (paths >> p & 1u))
                 return (llmkv_cpu_path)p;
-    if (paths >> LLMKV_CPU_PATH_AVX512_BF16 & 1u) return LLMKV_CPU_PATH_AVX512_BF16;
+    if ((paths >> LLMKV_CPU_PATH_AVX512_BF16 & 1u) && llmkv__cpu_bf16_dot_fast()) return LLMKV_CPU_PATH_AVX512_BF16;
+    if (paths >> LLMKV_CPU_PATH_AVX512_VNNI & 1u) return LLMKV_CPU_PATH_AVX512_VNNI;
     if (paths >> LLMKV_CPU_PATH_AVX512 & 1u) return LLMKV_CPU_PATH_AVX512;
     if (paths >> LLMKV_CPU_PATH_AVX2 & 1u) return LLMKV_CPU_PATH_AVX2;
     if (paths >> LLMKV_CPU_PATH_NEON & 1u) return LLMKV_CPU_PATH_NEON;
@@ -5118,10 +5144,9 @@ static LLMKV__T512BF void llmkv__pv_avx512bf_bf16(const float* P, uint32_t sj, u
    and the odd ones (high nibbles) are multiplied by the query's even and
    odd elements, which the prepared row keeps apart. Used when head_dim is a
    multiple of 128; other sizes take the AVX-512 F32 kernels. */
-#define LLMKV__T512VN \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+#define LLMKV__T512VN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define LLMKV__I512VN \
-    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")))
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 /* The scores of a block (lane r * KB + i for row r, key i) times each
    row's query scale, stored. */
@@ -5910,10 +5935,13 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
     switch (path) {
 #ifdef LLMKV__X86
     case LLMKV_CPU_PATH_AVX512_BF16:
-        llmkv__kernels_for(LLMKV_CPU_PATH_AVX512, k);
+        llmkv__kernels_for(LLMKV_CPU_PATH_AVX512_VNNI, k);
         k->qk[2] = llmkv__qk_avx512bf_bf16;
         k->pv[2] = llmkv__pv_avx512bf_bf16;
         k->q_bf16[2] = 1;
+        return;
+    case LLMKV_CPU_PATH_AVX512_VNNI:
+        llmkv__kernels_for(LLMKV_CPU_PATH_AVX512, k);
         k->qk_int8[4] = llmkv__qk_vnni_q4;
         return;
     case LLMKV_CPU_PATH_AVX512:

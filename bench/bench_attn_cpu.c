@@ -47,7 +47,7 @@
    values. K/V bytes count codes, scales and tables.
 
    Usage: bench_attn_cpu [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]
-                         [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]
+                         [--kind decode|prefill] [--path auto|scalar|avx2|avx512|neon|avx512bf16|avx512vnni]
                          [--ctx N] [--batch N] [--kv-heads 8|32]
      --json     one JSON object per line (bandwidth lines, then one per case,
                 skipped cases included), nothing else on stdout
@@ -753,7 +753,7 @@ static void measure_bandwidth(bench* b, int at_end) {
 static void usage(const char* argv0) {
     fprintf(stderr,
             "usage: %s [--json] [--quick] [--threads N] [--dtype f32|f16|bf16|q8|q4|fp8|q4c]\n"
-            "       [--kind decode|prefill] [--path scalar|avx2|avx512|neon|avx512bf16]\n"
+            "       [--kind decode|prefill] [--path auto|scalar|avx2|avx512|neon|avx512bf16|avx512vnni]\n"
             "       [--ctx N] [--batch N] [--kv-heads 8|32]\n",
             argv0);
     exit(2);
@@ -805,13 +805,11 @@ int main(int argc, char** argv) {
             else usage(argv[0]);
             ++i;
         } else if (strcmp(a, "--path") == 0 && v) {
-            if (strcmp(v, "scalar") == 0) b.path = LLMKV_CPU_PATH_SCALAR;
-            else if (strcmp(v, "avx2") == 0) b.path = LLMKV_CPU_PATH_AVX2;
-            else if (strcmp(v, "avx512") == 0) b.path = LLMKV_CPU_PATH_AVX512;
-            else if (strcmp(v, "neon") == 0) b.path = LLMKV_CPU_PATH_NEON;
-            else if (strcmp(v, "avx512bf16") == 0) b.path = LLMKV_CPU_PATH_AVX512_BF16;
-            else if (strcmp(v, "auto") == 0) b.path = LLMKV_CPU_PATH_AUTO;
-            else usage(argv[0]);
+            int p, named = -1;
+            for (p = LLMKV_CPU_PATH_AUTO; p <= LLMKV_CPU_PATH_LAST; ++p)
+                if (strcmp(v, llmkv_cpu_path_name((llmkv_cpu_path)p)) == 0) named = p;
+            if (named < 0) usage(argv[0]);
+            b.path = (llmkv_cpu_path)named;
             ++i;
         } else {
             usage(argv[0]);

@@ -556,7 +556,7 @@ static int env_setup(tst* t, aenv* e, const acase* c, tst_rng* r) {
     memcpy(e->q_copy, e->q, e->q_floats * sizeof(float));
 
     /* The reference, and for a path that rounds q to int8 (Q4 keys on
-       AVX512_BF16) the reference with that query. */
+       AVX512_BF16 and AVX512_VNNI) the reference with that query. */
     n_heads_rows = (size_t)e->n_tokens * e->nqh;
     e->ref_out = (double*)malloc((n_heads_rows * c->D + 1) * sizeof(double));
     e->ref_lse = (double*)malloc((n_heads_rows + 1) * sizeof(double));

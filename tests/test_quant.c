@@ -1310,7 +1310,7 @@ static double rel_rms(const float* fout, const double* dout, const double* ref, 
 /* How far a kernel may be from exact attention over the stored values
    (relative RMS). The path docs at llmkv_cpu_path say every path computes
    Q8, Q4 and FP8 in F32 arithmetic (measured: about 1e-6), except that
-   AVX512_BF16 rounds the query to int8 for Q4 keys: there the
+   AVX512_BF16 and AVX512_VNNI round the query to int8 for Q4 keys: there the
    reference uses that query too (tst_int8_query), so the bound stays. A
    path that rounds q otherwise (F16 may be rounded to F16, as test_attn.c
    allows) needs its own entry here, with the reason. */

@@ -114,15 +114,16 @@ void suite_format(tst* t);
 void suite_llama(tst* t);
 
 
-/* The query of one head as the AVX512_BF16 path's VNNI kernel uses it
-   against Q4 keys (head_dim a multiple of 128), see
+/* The query of one head as the VNNI kernel (paths AVX512_BF16 and
+   AVX512_VNNI) uses it against Q4 keys (head_dim a multiple of 128), see
    llmkv_cpu_path: x = q * scale in F32, q_int = rint(clamp(x * (127 / m),
    -127, 127)) with m = max |x| (F32 throughout), used as q_int * (m / 127).
    Writes that effective query divided by `scale` to out (double), so a
    reference that multiplies its dot products by scale gets the path's
    logits. tst_int8_query_used says whether a (resolved) path does this. */
 static inline int tst_int8_query_used(llmkv_cpu_path path, llmkv_dtype kt, unsigned D) {
-    return path == LLMKV_CPU_PATH_AVX512_BF16 && kt == LLMKV_DTYPE_Q4 && D % 128 == 0;
+    return (path == LLMKV_CPU_PATH_AVX512_BF16 || path == LLMKV_CPU_PATH_AVX512_VNNI) && kt == LLMKV_DTYPE_Q4 &&
+           D % 128 == 0;
 }
 
 static inline void tst_int8_query(const float* q, unsigned D, float scale, double* out) {
