@@ -4423,6 +4423,17 @@ static LLMKV__T256 float llmkv__hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The sums of eight accumulators a[2 r + i] (row r of four, key i of
+   two), as [r0 k0, r0 k1, r1 k0, r1 k1] in *r01 and the same for rows 2
+   and 3 in *r23: six hadds and two 128-bit adds for the eight dot
+   products, where eight llmkv__hsum256 take 32 operations. */
+static LLMKV__T256 void llmkv__reduce_4x2(const __m256* a, __m128* r01, __m128* r23) {
+    __m256 y0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 y1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    *r01 = _mm_add_ps(_mm256_castps256_ps128(y0), _mm256_extractf128_ps(y0, 1));
+    *r23 = _mm_add_ps(_mm256_castps256_ps128(y1), _mm256_extractf128_ps(y1, 1));
+}
+
 /* --- element conversion (F16C + AVX2) ------------------------------------- */
 /* Bit-identical to llmkv_f32_to_f16 / llmkv_f32_to_bf16: vcvtps2ph rounds to
    nearest-even, handles subnormal results and keeps NaN payloads with the
@@ -5322,7 +5333,36 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
         llmkv__prefetch_rows(pf, npf, llmkv__vec_data_bytes(TY, D), koff);                                                              \
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* q0 = q + (size_t)m * D;                                                                  \
-            for (j = 0; j < J; ++j) {                                                                             \
+            /* two keys at a time (each query chunk loaded once for both),         \
+               reduced together; head_dim a multiple of 8 */                       \
+            for (j = 0; n * 8 == D && j + 2 <= J; j += 2) {                                                       \
+                const unsigned char *kr0 = k[j] + koff, *kc0 = ks[j] + ksoff;                                     \
+                const unsigned char *kr1 = k[j + 1] + koff, *kc1 = ks[j + 1] + ksoff;                             \
+                __m256 a[8], x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0; \
+                __m128 r01, r23;                                                                                  \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __m256 k0 = LD(kr0, kc0, c * 8), k1 = LD(kr1, kc1, c * 8), qv;                                \
+                    qv = _mm256_loadu_ps(q0 + c * 8);                                                             \
+                    x0 = _mm256_fmadd_ps(qv, k0, x0);                                                             \
+                    x1 = _mm256_fmadd_ps(qv, k1, x1);                                                             \
+                    qv = _mm256_loadu_ps(q0 + D + c * 8);                                                         \
+                    x2 = _mm256_fmadd_ps(qv, k0, x2);                                                             \
+                    x3 = _mm256_fmadd_ps(qv, k1, x3);                                                             \
+                    qv = _mm256_loadu_ps(q0 + 2 * D + c * 8);                                                     \
+                    x4 = _mm256_fmadd_ps(qv, k0, x4);                                                             \
+                    x5 = _mm256_fmadd_ps(qv, k1, x5);                                                             \
+                    qv = _mm256_loadu_ps(q0 + 3 * D + c * 8);                                                     \
+                    x6 = _mm256_fmadd_ps(qv, k0, x6);                                                             \
+                    x7 = _mm256_fmadd_ps(qv, k1, x7);                                                             \
+                }                                                                                                 \
+                a[0] = x0; a[1] = x1; a[2] = x2; a[3] = x3; a[4] = x4; a[5] = x5; a[6] = x6; a[7] = x7;          \
+                llmkv__reduce_4x2(a, &r01, &r23);                                                                 \
+                _mm_storel_pi((__m64*)(void*)(S + (size_t)m * sj + j), r01);                                      \
+                _mm_storeh_pi((__m64*)(void*)(S + (size_t)(m + 1) * sj + j), r01);                                \
+                _mm_storel_pi((__m64*)(void*)(S + (size_t)(m + 2) * sj + j), r23);                                \
+                _mm_storeh_pi((__m64*)(void*)(S + (size_t)(m + 3) * sj + j), r23);                                \
+            }                                                                                                     \
+            for (; j < J; ++j) {                                                                                  \
                 const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
                 float t0 = 0, t1 = 0, t2 = 0, t3 = 0;                                                             \
