@@ -5404,7 +5404,37 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
         for (; m + 4 <= M; m += 4) {                                                                              \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
-            for (c = 0; c < n; ++c) {                                                                             \
+            for (c = 0; c + 2 <= n; c += 2) { /* two column blocks: each weight broadcast once for both */       \
+                float* o = o0 + c * 8;                                                                            \
+                __m256 a0 = _mm256_loadu_ps(o), b0 = _mm256_loadu_ps(o + 8);                                      \
+                __m256 a1 = _mm256_loadu_ps(o + D), b1 = _mm256_loadu_ps(o + D + 8);                              \
+                __m256 a2 = _mm256_loadu_ps(o + 2 * D), b2 = _mm256_loadu_ps(o + 2 * D + 8);                      \
+                __m256 a3 = _mm256_loadu_ps(o + 3 * D), b3 = _mm256_loadu_ps(o + 3 * D + 8);                      \
+                for (j = 0; j < J; ++j) {                                                                         \
+                    __m256 v0 = LD(v[j] + voff, vs[j] + vsoff, c * 8), v1 = LD(v[j] + voff, vs[j] + vsoff, c * 8 + 8); \
+                    __m256 p = _mm256_set1_ps(p0[j]);                                                             \
+                    a0 = _mm256_fmadd_ps(p, v0, a0);                                                              \
+                    b0 = _mm256_fmadd_ps(p, v1, b0);                                                              \
+                    p = _mm256_set1_ps(p0[sj + j]);                                                               \
+                    a1 = _mm256_fmadd_ps(p, v0, a1);                                                              \
+                    b1 = _mm256_fmadd_ps(p, v1, b1);                                                              \
+                    p = _mm256_set1_ps(p0[2 * sj + j]);                                                           \
+                    a2 = _mm256_fmadd_ps(p, v0, a2);                                                              \
+                    b2 = _mm256_fmadd_ps(p, v1, b2);                                                              \
+                    p = _mm256_set1_ps(p0[3 * sj + j]);                                                           \
+                    a3 = _mm256_fmadd_ps(p, v0, a3);                                                              \
+                    b3 = _mm256_fmadd_ps(p, v1, b3);                                                              \
+                }                                                                                                 \
+                _mm256_storeu_ps(o, a0);                                                                          \
+                _mm256_storeu_ps(o + 8, b0);                                                                      \
+                _mm256_storeu_ps(o + D, a1);                                                                      \
+                _mm256_storeu_ps(o + D + 8, b1);                                                                  \
+                _mm256_storeu_ps(o + 2 * D, a2);                                                                  \
+                _mm256_storeu_ps(o + 2 * D + 8, b2);                                                              \
+                _mm256_storeu_ps(o + 3 * D, a3);                                                                  \
+                _mm256_storeu_ps(o + 3 * D + 8, b3);                                                              \
+            }                                                                                                     \
+            for (; c < n; ++c) {                                                                                  \
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8), a1 = _mm256_loadu_ps(o0 + D + c * 8);                   \
                 __m256 a2 = _mm256_loadu_ps(o0 + 2 * D + c * 8), a3 = _mm256_loadu_ps(o0 + 3 * D + c * 8);       \
                 for (j = 0; j < J; ++j) {                                                                         \
