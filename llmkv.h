@@ -5385,7 +5385,20 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
         }                                                                                                         \
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
-            for (j = 0; j < J; ++j) {                                                                             \
+            for (j = 0; n * 8 == D && j + 4 <= J; j += 4) { /* four keys, reduced together */                     \
+                __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, h;                                    \
+                for (c = 0; c < n; ++c) {                                                                         \
+                    __m256 qv = _mm256_loadu_ps(q0 + c * 8);                                                      \
+                    x0 = _mm256_fmadd_ps(qv, LD(k[j] + koff, ks[j] + ksoff, c * 8), x0);                          \
+                    x1 = _mm256_fmadd_ps(qv, LD(k[j + 1] + koff, ks[j + 1] + ksoff, c * 8), x1);                  \
+                    x2 = _mm256_fmadd_ps(qv, LD(k[j + 2] + koff, ks[j + 2] + ksoff, c * 8), x2);                  \
+                    x3 = _mm256_fmadd_ps(qv, LD(k[j + 3] + koff, ks[j + 3] + ksoff, c * 8), x3);                  \
+                }                                                                                                 \
+                h = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));                               \
+                _mm_storeu_ps(S + (size_t)m * sj + j,                                                             \
+                              _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));                \
+            }                                                                                                     \
+            for (; j < J; ++j) {                                                                                  \
                 const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
                 __m256 a0 = _mm256_setzero_ps();                                                                  \
                 float t0 = 0;                                                                                     \
@@ -5453,7 +5466,24 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
         for (; m < M; ++m) {                                                                                      \
             const float* p0 = P + (size_t)m * sj;                                                                 \
             float* o0 = acc + (size_t)m * D;                                                                      \
-            for (c = 0; c < n; ++c) {                                                                             \
+            for (c = 0; c + 4 <= n; c += 4) { /* four column blocks per weight broadcast */                      \
+                float* o = o0 + c * 8;                                                                            \
+                __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8);                                      \
+                __m256 a2 = _mm256_loadu_ps(o + 16), a3 = _mm256_loadu_ps(o + 24);                                \
+                for (j = 0; j < J; ++j) {                                                                         \
+                    __m256 p = _mm256_set1_ps(p0[j]);                                                             \
+                    const unsigned char *vr = v[j] + voff, *vc = vs[j] + vsoff;                                   \
+                    a0 = _mm256_fmadd_ps(p, LD(vr, vc, c * 8), a0);                                               \
+                    a1 = _mm256_fmadd_ps(p, LD(vr, vc, c * 8 + 8), a1);                                           \
+                    a2 = _mm256_fmadd_ps(p, LD(vr, vc, c * 8 + 16), a2);                                          \
+                    a3 = _mm256_fmadd_ps(p, LD(vr, vc, c * 8 + 24), a3);                                          \
+                }                                                                                                 \
+                _mm256_storeu_ps(o, a0);                                                                          \
+                _mm256_storeu_ps(o + 8, a1);                                                                      \
+                _mm256_storeu_ps(o + 16, a2);                                                                     \
+                _mm256_storeu_ps(o + 24, a3);                                                                     \
+            }                                                                                                     \
+            for (; c < n; ++c) {                                                                                  \
                 __m256 a0 = _mm256_loadu_ps(o0 + c * 8);                                                          \
                 for (j = 0; j < J; ++j)                                                                           \
                     a0 = _mm256_fmadd_ps(_mm256_set1_ps(p0[j]), LD(v[j] + voff, vs[j] + vsoff, c * 8), a0);         \
