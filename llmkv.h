@@ -4426,7 +4426,7 @@ static LLMKV__T256 float llmkv__hsum256(__m256 v) {
 /* The sums of eight accumulators a[2 r + i] (row r of four, key i of
    two), as [r0 k0, r0 k1, r1 k0, r1 k1] in *r01 and the same for rows 2
    and 3 in *r23: six hadds and two 128-bit adds for the eight dot
-   products, where eight llmkv__hsum256 take 32 operations. */
+   products, where eight llmkv__hsum256 take six operations each. */
 static LLMKV__T256 void llmkv__reduce_4x2(const __m256* a, __m128* r01, __m128* r23) {
     __m256 y0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     __m256 y1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
