@@ -2867,7 +2867,22 @@ static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llm
     uint32_t ring[32], hashed = 0, p;
     /* A rolling pipeline: page d + 16 is hashed and its bucket prefetched,
        page d + 8's bucket head read and its node and tokens prefetched, and
-       page d verified, so the memory latency of a large index overlaps. */
+       page d verified, so the memory latency of a large index overlaps.
+       The first page is looked up alone: a prompt the index does not hold
+       costs one lookup, not seventeen prefetches. */
+    if (pages) {
+        h = llmkv__chain_step(h, t, ps);
+        ring[0] = llmkv__full_hash(h);
+        hashed = 1;
+        p = llmkv__find_full(kv, LLMKV__NO_SLOT, ns, t, ring[0]);
+        if (p == LLMKV__NO_SLOT) {
+            pages = 0; /* nothing more to walk */
+        } else {
+            if (path) path[0] = p;
+            node = p;
+            d = 1;
+        }
+    }
     for (; d < pages; ++d) {
         for (; hashed < pages && hashed <= d + 16; ++hashed) {
             h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps);
