@@ -2868,23 +2868,10 @@ static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llm
     /* A rolling pipeline: page d + 16 is hashed and its bucket prefetched,
        page d + 8's bucket head read and its node and tokens prefetched, and
        page d verified, so the memory latency of a large index overlaps.
-       The first page is looked up alone: a prompt the index does not hold
-       costs one lookup, not seventeen prefetches. */
-    if (pages) {
-        h = llmkv__chain_step(h, t, ps);
-        ring[0] = llmkv__full_hash(h);
-        hashed = 1;
-        p = llmkv__find_full(kv, LLMKV__NO_SLOT, ns, t, ring[0]);
-        if (p == LLMKV__NO_SLOT) {
-            pages = 0; /* nothing more to walk */
-        } else {
-            if (path) path[0] = p;
-            node = p;
-            d = 1;
-        }
-    }
+       The pipeline fills only once the first page matched: a prompt the
+       index does not hold costs one lookup, not seventeen prefetches. */
     for (; d < pages; ++d) {
-        for (; hashed < pages && hashed <= d + 16; ++hashed) {
+        for (; hashed < pages && hashed <= (d ? d + 16 : 0); ++hashed) {
             h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps);
             ring[hashed % 32] = llmkv__full_hash(h);
             LLMKV__PREFETCH(llmkv__bucket(kv, 0, ring[hashed % 32]));
@@ -4438,15 +4425,11 @@ static LLMKV__T256 float llmkv__hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The sums of eight accumulators a[2 r + i] (row r of four, key i of
-   two), as [r0 k0, r0 k1, r1 k0, r1 k1] in *r01 and the same for rows 2
-   and 3 in *r23: six hadds and two 128-bit adds for the eight dot
-   products, where eight llmkv__hsum256 take six operations each. */
-static LLMKV__T256 void llmkv__reduce_4x2(const __m256* a, __m128* r01, __m128* r23) {
-    __m256 y0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 y1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    *r01 = _mm_add_ps(_mm256_castps256_ps128(y0), _mm256_extractf128_ps(y0, 1));
-    *r23 = _mm_add_ps(_mm256_castps256_ps128(y1), _mm256_extractf128_ps(y1, 1));
+/* The sums of four vectors, [sum a, sum b, sum c, sum d]: three hadds and
+   one 128-bit add, where four llmkv__hsum256 take six operations each. */
+static LLMKV__T256 __m128 llmkv__hsum256x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 /* --- element conversion (F16C + AVX2) ------------------------------------- */
@@ -5353,7 +5336,7 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
             for (j = 0; n * 8 == D && j + 2 <= J; j += 2) {                                                       \
                 const unsigned char *kr0 = k[j] + koff, *kc0 = ks[j] + ksoff;                                     \
                 const unsigned char *kr1 = k[j + 1] + koff, *kc1 = ks[j + 1] + ksoff;                             \
-                __m256 a[8], x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0; \
+                __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0, x7 = x0;  \
                 __m128 r01, r23;                                                                                  \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __m256 k0 = LD(kr0, kc0, c * 8), k1 = LD(kr1, kc1, c * 8), qv;                                \
@@ -5370,8 +5353,8 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
                     x6 = _mm256_fmadd_ps(qv, k0, x6);                                                             \
                     x7 = _mm256_fmadd_ps(qv, k1, x7);                                                             \
                 }                                                                                                 \
-                a[0] = x0; a[1] = x1; a[2] = x2; a[3] = x3; a[4] = x4; a[5] = x5; a[6] = x6; a[7] = x7;          \
-                llmkv__reduce_4x2(a, &r01, &r23);                                                                 \
+                r01 = llmkv__hsum256x4(x0, x1, x2, x3); /* [r0 k0, r0 k1, r1 k0, r1 k1] */                    \
+                r23 = llmkv__hsum256x4(x4, x5, x6, x7);                                                           \
                 _mm_storel_pi((__m64*)(void*)(S + (size_t)m * sj + j), r01);                                      \
                 _mm_storeh_pi((__m64*)(void*)(S + (size_t)(m + 1) * sj + j), r01);                                \
                 _mm_storel_pi((__m64*)(void*)(S + (size_t)(m + 2) * sj + j), r23);                                \
@@ -5401,7 +5384,7 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
         for (; m < M; ++m) {                                                                                      \
             const float* q0 = q + (size_t)m * D;                                                                  \
             for (j = 0; n * 8 == D && j + 4 <= J; j += 4) { /* four keys, reduced together */                     \
-                __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, h;                                    \
+                __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0;                                       \
                 for (c = 0; c < n; ++c) {                                                                         \
                     __m256 qv = _mm256_loadu_ps(q0 + c * 8);                                                      \
                     x0 = _mm256_fmadd_ps(qv, LD(k[j] + koff, ks[j] + ksoff, c * 8), x0);                          \
@@ -5409,9 +5392,7 @@ static LLMKV__T256 __m256 llmkv__y_fp8(const unsigned char* p, const unsigned ch
                     x2 = _mm256_fmadd_ps(qv, LD(k[j + 2] + koff, ks[j + 2] + ksoff, c * 8), x2);                  \
                     x3 = _mm256_fmadd_ps(qv, LD(k[j + 3] + koff, ks[j + 3] + ksoff, c * 8), x3);                  \
                 }                                                                                                 \
-                h = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));                               \
-                _mm_storeu_ps(S + (size_t)m * sj + j,                                                             \
-                              _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));                \
+                _mm_storeu_ps(S + (size_t)m * sj + j, llmkv__hsum256x4(x0, x1, x2, x3));                          \
             }                                                                                                     \
             for (; j < J; ++j) {                                                                                  \
                 const unsigned char *kr = k[j] + koff, *kc = ks[j] + ksoff;                                                             \
