@@ -1805,20 +1805,30 @@ typedef struct llmkv__seq {
 } llmkv__seq;
 
 /* A page's place in the prefix index (see "Prefix index" in the API): its
-   parent page (LLMKV__NO_SLOT at the root), its namespace and the tokens
-   in its first ntok slots (ntok 0: not in the index). Full nodes are
-   chained in the full-key hash table (parent, ns, all tokens), every node
-   in the first-token table (parent, ns, first token); evictable nodes in
-   the LRU list, oldest at lru_head. */
-typedef struct llmkv__node {
-    uint32_t parent, ntok, n_children, pins;
-    uint32_t hash_full;
+   parent page (LLMKV__NO_SLOT at the root), its namespace (always its
+   parent's) and the tokens in its first ntok slots (ntok 0: not in the
+   index). Full nodes are chained in the full-key hash table (parent, ns,
+   all tokens), every node in the first-token table (parent, ns, first
+   token); evictable nodes in the LRU list, oldest at lru_head.
+
+   A node is two records. llmkv__key holds what a full-key lookup reads:
+   16 bytes, four pages to a cache line, so the walk along a cached prompt
+   reads its bucket and a quarter of a line per page and never the rest of
+   the node (at page size 1 the walk is bound by the cache lines it
+   reads). llmkv__node holds the rest. */
+typedef struct llmkv__key {
+    uint32_t parent;
     llmkv_token tok0;   /* its first token, inline: page size 1 never reads the token array */
-    uint32_t full_next, full_prev, first_next, first_prev;
+    uint32_t hash_full; /* full nodes: bucket hash in the full-key table */
+    uint32_t full_next; /* full nodes: next in that bucket's chain */
+} llmkv__key;
+typedef struct llmkv__node {
+    uint32_t ntok, n_children, pins;
+    uint32_t full_prev, first_next, first_prev;
     uint32_t lru_next, lru_prev;
     uint64_t ns;
-    uint64_t chain;  /* full nodes: hash state of the path (see llmkv__chain_step) */
-} llmkv__node;       /* 64 bytes: one cache line per node */
+    uint64_t chain; /* full nodes: hash state of the path (see llmkv__chain_step) */
+} llmkv__node;      /* 48 bytes */
 
 /* Handle ids of one kind of slot (sequences, pins): id = gen << bits | slot,
    with bits the fewest that index every slot and generations 1..gen_max
@@ -1892,6 +1902,7 @@ struct llmkv_cache {
     /* Prefix index (desc.prefix_index; else NULL / 0). */
     llmkv_token* tok;           /* [n_pages * page_size] token id of every slot, -1 unknown */
     llmkv__node* nodes;         /* [n_pages] */
+    llmkv__key* keys;           /* [n_pages] */
     uint32_t* heads;            /* [2 * n_buckets]: full-key chains, then first-token chains */
     uint32_t n_buckets;         /* per table: n_pages (memory stays affine in n_pages) */
     uint32_t* written;          /* [max_seqs][n_layers][2]: K, V written below this position */
@@ -1972,6 +1983,7 @@ static int llmkv__footprint(const llmkv_desc* d, const llmkv_layout* l, uint64_t
     if (d->prefix_index) {
         llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
         llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
+        llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__key));
         llmkv__carve(&c, (uint64_t)d->n_pages * 2 * 4); /* hash buckets: n_pages per table */
         llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
         llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
@@ -2046,12 +2058,14 @@ static llmkv_cache* llmkv__init(const llmkv_desc* d, const llmkv_layout* l, void
         uint64_t nb = d->n_pages, e;
         kv->tok = (llmkv_token*)llmkv__carve(&c, (uint64_t)d->n_pages * d->page_size * sizeof(llmkv_token));
         kv->nodes = (llmkv__node*)llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__node));
+        kv->keys = (llmkv__key*)llmkv__carve(&c, (uint64_t)d->n_pages * sizeof(llmkv__key));
         kv->heads = (uint32_t*)llmkv__carve(&c, nb * 2 * 4);
         kv->written = (uint32_t*)llmkv__carve(&c, (uint64_t)d->max_seqs * d->n_layers * 2 * 4);
         kv->pins = (llmkv__pin*)llmkv__carve(&c, (uint64_t)d->max_pins * sizeof(llmkv__pin));
         kv->n_buckets = d->n_pages;
         for (e = 0; e < (uint64_t)d->n_pages * d->page_size; ++e) kv->tok[e] = -1;
         memset(kv->nodes, 0, (size_t)d->n_pages * sizeof(llmkv__node));
+        memset(kv->keys, 0, (size_t)d->n_pages * sizeof(llmkv__key));
         for (e = 0; e < nb * 2; ++e) kv->heads[e] = LLMKV__NO_SLOT;
         memset(kv->written, 0, (size_t)d->max_seqs * d->n_layers * 2 * 4);
         for (e = 0; e < d->max_pins; ++e) {
@@ -2329,8 +2343,13 @@ static void llmkv__lru_remove(llmkv_cache* kv, uint32_t p) {
 
 #if defined(__GNUC__) || defined(__clang__)
 #define LLMKV__PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#define LLMKV__FORCE_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define LLMKV__PREFETCH(p) ((void)(p))
+#define LLMKV__FORCE_INLINE static __forceinline
 #else
 #define LLMKV__PREFETCH(p) ((void)(p))
+#define LLMKV__FORCE_INLINE static
 #endif
 
 /* Node keys hash through a chain: a full node's `chain` state mixes its
@@ -2376,29 +2395,42 @@ static uint64_t llmkv__parent_chain(const llmkv_cache* kv, uint32_t parent, uint
     return parent == LLMKV__NO_SLOT ? llmkv__root_chain(ns) : kv->nodes[parent].chain;
 }
 
-/* Chain links of table `which` (0 full-key, 1 first-token). */
-static uint32_t* llmkv__chain_next(llmkv__node* n, int which) { return which ? &n->first_next : &n->full_next; }
-static uint32_t* llmkv__chain_prev(llmkv__node* n, int which) { return which ? &n->first_prev : &n->full_prev; }
+/* Page p's chain links in table `which` (0 full-key, 1 first-token). */
+static uint32_t* llmkv__chain_next(const llmkv_cache* kv, uint32_t p, int which) {
+    return which ? &kv->nodes[p].first_next : &kv->keys[p].full_next;
+}
+static uint32_t* llmkv__chain_prev(const llmkv_cache* kv, uint32_t p, int which) {
+    return which ? &kv->nodes[p].first_prev : &kv->nodes[p].full_prev;
+}
+/* hash * n / 2^32: a bucket in [0, n) from the hash's high bits, no division. */
+static size_t llmkv__bucket_index(uint64_t n_buckets, uint32_t hash) { return (size_t)((hash * n_buckets) >> 32); }
 static uint32_t* llmkv__bucket(const llmkv_cache* kv, int which, uint32_t hash) {
-    /* hash * n / 2^32: a bucket in [0, n) from the hash's high bits, no division */
-    return kv->heads + (size_t)which * kv->n_buckets + (size_t)(((uint64_t)hash * kv->n_buckets) >> 32);
+    return kv->heads + (size_t)which * kv->n_buckets + llmkv__bucket_index(kv->n_buckets, hash);
 }
 
 static void llmkv__chain_link(llmkv_cache* kv, uint32_t p, int which, uint32_t hash) {
     uint32_t* head = llmkv__bucket(kv, which, hash);
-    llmkv__node* n = &kv->nodes[p];
-    *llmkv__chain_prev(n, which) = LLMKV__NO_SLOT;
-    *llmkv__chain_next(n, which) = *head;
-    if (*head != LLMKV__NO_SLOT) *llmkv__chain_prev(&kv->nodes[*head], which) = p;
+    *llmkv__chain_prev(kv, p, which) = LLMKV__NO_SLOT;
+    *llmkv__chain_next(kv, p, which) = *head;
+    if (*head != LLMKV__NO_SLOT) *llmkv__chain_prev(kv, *head, which) = p;
     *head = p;
 }
 
 static void llmkv__chain_unlink(llmkv_cache* kv, uint32_t p, int which, uint32_t hash) {
-    llmkv__node* n = &kv->nodes[p];
-    uint32_t next = *llmkv__chain_next(n, which), prev = *llmkv__chain_prev(n, which);
+    uint32_t next = *llmkv__chain_next(kv, p, which), prev = *llmkv__chain_prev(kv, p, which);
     if (prev == LLMKV__NO_SLOT) *llmkv__bucket(kv, which, hash) = next;
-    else *llmkv__chain_next(&kv->nodes[prev], which) = next;
-    if (next != LLMKV__NO_SLOT) *llmkv__chain_prev(&kv->nodes[next], which) = prev;
+    else *llmkv__chain_next(kv, prev, which) = next;
+    if (next != LLMKV__NO_SLOT) *llmkv__chain_prev(kv, next, which) = prev;
+}
+
+/* Moves full node p to the head of its full-key chain, where the walk
+   looks first: a prefix in use (a system prompt) stays found at the first
+   probe however many nodes were published into its buckets after it. */
+static void llmkv__chain_front(llmkv_cache* kv, uint32_t p) {
+    uint32_t h = kv->keys[p].hash_full;
+    if (*llmkv__bucket(kv, 0, h) == p) return;
+    llmkv__chain_unlink(kv, p, 0, h);
+    llmkv__chain_link(kv, p, 0, h);
 }
 
 static int llmkv__tokens_equal(const llmkv_token* a, const llmkv_token* b, uint32_t n) {
@@ -2410,17 +2442,25 @@ static int llmkv__tokens_equal(const llmkv_token* a, const llmkv_token* b, uint3
 }
 
 /* The full node with key (parent, ns, tokens t[0, page_size)), whose
-   chained hash is h, or NO_SLOT. A node of another namespace is rejected
-   before its tokens are read. */
-static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t, uint32_t h) {
-    uint32_t ps = kv->layout.page_size, p;
-    for (p = *llmkv__bucket(kv, 0, h); p != LLMKV__NO_SLOT; p = kv->nodes[p].full_next) {
-        const llmkv__node* n = &kv->nodes[p];
-        if (n->hash_full == h && n->tok0 == t[0] && n->parent == parent && n->ns == ns &&
+   chained hash is h, or NO_SLOT; chain_find searches its chain from p on. Below the root a node's namespace is its
+   parent's, so only a root node's is compared (the one read of a node
+   record); a node of another namespace is rejected before its tokens are
+   read. */
+static uint32_t llmkv__chain_find(const llmkv_cache* kv, uint32_t p, uint32_t parent, uint64_t ns, const llmkv_token* t,
+                                  uint32_t h) {
+    uint32_t ps = kv->layout.page_size;
+    for (; p != LLMKV__NO_SLOT; p = kv->keys[p].full_next) {
+        const llmkv__key* k = &kv->keys[p];
+        /* at page size 1, (parent, tok0) is the whole key: no hash needed */
+        if ((ps == 1 || k->hash_full == h) && k->tok0 == t[0] && k->parent == parent &&
+            (parent != LLMKV__NO_SLOT || kv->nodes[p].ns == ns) &&
             (ps == 1 || llmkv__tokens_equal(kv->tok + (size_t)p * ps + 1, t + 1, ps - 1)))
             return p;
     }
     return LLMKV__NO_SLOT;
+}
+static uint32_t llmkv__find_full(const llmkv_cache* kv, uint32_t parent, uint64_t ns, const llmkv_token* t, uint32_t h) {
+    return llmkv__chain_find(kv, *llmkv__bucket(kv, 0, h), parent, ns, t, h);
 }
 
 /* Among the nodes under (parent, ns) whose first token is t[0], the one
@@ -2441,7 +2481,7 @@ static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64
         const llmkv__node* n = &kv->nodes[p];
         const llmkv_token* nt = kv->tok + (size_t)p * ps;
         uint32_t m, k;
-        if (n->tok0 != t[0] || n->parent != parent || n->ns != ns) continue;
+        if (kv->keys[p].tok0 != t[0] || kv->keys[p].parent != parent || n->ns != ns) continue;
         ++seen;
         m = n->ntok < limit ? n->ntok : limit;
         for (k = 1; k < m && nt[k] == t[k]; ++k) {}
@@ -2457,9 +2497,11 @@ static uint32_t llmkv__best_child(const llmkv_cache* kv, uint32_t parent, uint64
 /* Makes page p (held by the caller) a node holding its first ntok tokens. */
 static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uint64_t ns, uint32_t ntok) {
     llmkv__node* n = &kv->nodes[p];
+    llmkv__key* k = &kv->keys[p];
     const llmkv_token* t = kv->tok + (size_t)p * kv->layout.page_size;
     uint64_t pc = llmkv__parent_chain(kv, parent, ns);
-    n->parent = parent;
+    k->parent = parent;
+    k->tok0 = t[0];
     n->ns = ns;
     n->ntok = ntok;
     n->n_children = 0;
@@ -2467,10 +2509,9 @@ static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uin
     n->chain = 0;
     if (ntok == kv->layout.page_size) {
         n->chain = llmkv__chain_step(pc, t, ntok);
-        n->hash_full = llmkv__full_hash(n->chain);
-        llmkv__chain_link(kv, p, 0, n->hash_full);
+        k->hash_full = llmkv__full_hash(n->chain);
+        llmkv__chain_link(kv, p, 0, k->hash_full);
     }
-    n->tok0 = t[0];
     llmkv__chain_link(kv, p, 1, llmkv__first_hash(pc, t[0]));
     if (parent != LLMKV__NO_SLOT) kv->nodes[parent].n_children++;
     kv->refcount[p]++; /* the index's reference */
@@ -2482,13 +2523,15 @@ static void llmkv__node_insert(llmkv_cache* kv, uint32_t p, uint32_t parent, uin
 static void llmkv__evict_one(llmkv_cache* kv) {
     uint32_t p = kv->lru_head;
     llmkv__node* n;
+    const llmkv__key* k;
     LLMKV_ASSERT(p != LLMKV__NO_SLOT);
     n = &kv->nodes[p];
+    k = &kv->keys[p];
     LLMKV_ASSERT(n->n_children == 0 && kv->refcount[p] == 1);
     llmkv__lru_remove(kv, p);
-    if (n->ntok == kv->layout.page_size) llmkv__chain_unlink(kv, p, 0, n->hash_full);
-    llmkv__chain_unlink(kv, p, 1, llmkv__first_hash(llmkv__parent_chain(kv, n->parent, n->ns), n->tok0));
-    if (n->parent != LLMKV__NO_SLOT) kv->nodes[n->parent].n_children--;
+    if (n->ntok == kv->layout.page_size) llmkv__chain_unlink(kv, p, 0, k->hash_full);
+    llmkv__chain_unlink(kv, p, 1, llmkv__first_hash(llmkv__parent_chain(kv, k->parent, n->ns), k->tok0));
+    if (k->parent != LLMKV__NO_SLOT) kv->nodes[k->parent].n_children--;
     n->ntok = 0;
     kv->n_cached--;
     kv->n_evictions++;
@@ -2855,36 +2898,93 @@ static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
     }
 }
 
+/* The full pages of the walk (see llmkv__prefix_walk): how many of
+   t[0, pages * ps) are cached, their ids into path[] when not NULL, the
+   last into *deepest. pages >= 1. Inlined with ps a constant 1 and with
+   the cache's page size, so page size 1 runs without the token loops.
+
+   Page 0 is looked up alone: a prompt the index does not hold costs one
+   lookup. Past it, a rolling pipeline: page d + 17 is hashed and its
+   bucket prefetched, page d + 9's bucket head read and its key (and
+   tokens) prefetched, and page d verified, so the memory latency of a
+   large index overlaps. The chain state h is the loop's one serial
+   dependency (one multiply a page at page size 1), so the loop keeps it
+   in a register: one page hashed per iteration, no inner loop. The
+   bucket's head is checked inline (it is the sought node unless a later
+   node took its bucket and no match moved it back, see
+   llmkv__chain_front); only then is the chain searched. */
+LLMKV__FORCE_INLINE uint32_t llmkv__walk_full(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t pages,
+                                              uint32_t ps, uint32_t* path, uint32_t* deepest) {
+    /* The table's fields in locals: path[] stores could alias them. */
+    const llmkv__key* keys = kv->keys;
+    const uint32_t* heads = kv->heads; /* the full-key table */
+    const llmkv_token* tok = kv->tok;
+    const uint64_t nb = kv->n_buckets;
+    uint32_t node, d, p, hashed;
+    uint32_t ring[32], hring[32]; /* per page: bucket index; hash (page size > 1) */
+    uint64_t h = llmkv__chain_step(llmkv__root_chain(ns), t, ps);
+    node = llmkv__find_full(kv, LLMKV__NO_SLOT, ns, t, llmkv__full_hash(h));
+    *deepest = node;
+    if (node == LLMKV__NO_SLOT) return 0;
+    if (path) path[0] = node;
+    for (hashed = 1; hashed < pages && hashed < 18; ++hashed) {
+        uint32_t hb = llmkv__full_hash(h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps));
+        ring[hashed % 32] = (uint32_t)llmkv__bucket_index(nb, hb);
+        if (ps > 1) hring[hashed % 32] = hb;
+        LLMKV__PREFETCH(&heads[ring[hashed % 32]]);
+    }
+    for (d = 1; d < pages; ++d) {
+        const llmkv_token* td = t + (size_t)d * ps;
+        const llmkv__key* k;
+        p = heads[ring[d % 32]];
+        if (p == LLMKV__NO_SLOT) break;
+        k = &keys[p];
+        /* Exact: below the root a node's namespace is its parent's; the
+           hash only spares a token comparison. */
+        if (!(k->tok0 == td[0] && k->parent == node &&
+              (ps == 1 || (k->hash_full == hring[d % 32] &&
+                           llmkv__tokens_equal(tok + (size_t)p * ps + 1, td + 1, ps - 1))))) {
+            p = llmkv__chain_find(kv, k->full_next, node, ns, td, ps == 1 ? 0 : hring[d % 32]);
+            if (p == LLMKV__NO_SLOT) break;
+        }
+        if (path) path[d] = p;
+        node = p;
+        if (hashed < pages) {
+            uint32_t hb = llmkv__full_hash(h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps));
+            ring[hashed % 32] = (uint32_t)llmkv__bucket_index(nb, hb);
+            if (ps > 1) hring[hashed % 32] = hb;
+            LLMKV__PREFETCH(&heads[ring[hashed % 32]]);
+            ++hashed;
+        }
+        if (d + 9 < hashed && (p = heads[ring[(d + 9) % 32]]) != LLMKV__NO_SLOT) {
+            LLMKV__PREFETCH(&keys[p]);
+            if (ps > 1) LLMKV__PREFETCH(tok + (size_t)p * ps);
+        }
+    }
+    *deepest = node;
+    return d;
+}
+
+/* llmkv__walk_full's two instances, page size 1 and any other. */
+static uint32_t llmkv__walk_full1(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t pages, uint32_t* path,
+                                  uint32_t* deepest) {
+    return llmkv__walk_full(kv, ns, t, pages, 1, path, deepest);
+}
+static uint32_t llmkv__walk_fullp(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t pages, uint32_t* path,
+                                  uint32_t* deepest) {
+    return llmkv__walk_full(kv, ns, t, pages, kv->layout.page_size, path, deepest);
+}
+
 /* Longest cached prefix of t[0, limit) in namespace ns: *n_full full pages
    (their ids into path[] when path is not NULL; *deepest the last, or
    NO_SLOT), then *cand, the node sharing *lcp more tokens (NO_SLOT, 0 when
    none). Returns the match length. Reads only. */
 static uint32_t llmkv__prefix_walk(const llmkv_cache* kv, uint64_t ns, const llmkv_token* t, uint32_t limit, uint32_t* path,
-                            uint32_t* n_full, uint32_t* deepest, uint32_t* cand, uint32_t* lcp) {
+                                   uint32_t* n_full, uint32_t* deepest, uint32_t* cand, uint32_t* lcp) {
     uint32_t ps = kv->layout.page_size, node = LLMKV__NO_SLOT, d = 0, c = LLMKV__NO_SLOT, l = 0;
-    uint32_t pages = limit / ps;
-    uint64_t h = llmkv__root_chain(ns);
-    uint32_t ring[32], hashed = 0, p;
-    /* A rolling pipeline: page d + 16 is hashed and its bucket prefetched,
-       page d + 8's bucket head read and its node and tokens prefetched, and
-       page d verified, so the memory latency of a large index overlaps.
-       The pipeline fills only once the first page matched: a prompt the
-       index does not hold costs one lookup, not seventeen prefetches. */
-    for (; d < pages; ++d) {
-        for (; hashed < pages && hashed <= (d ? d + 16 : 0); ++hashed) {
-            h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps);
-            ring[hashed % 32] = llmkv__full_hash(h);
-            LLMKV__PREFETCH(llmkv__bucket(kv, 0, ring[hashed % 32]));
-        }
-        if (d + 8 < hashed && (p = *llmkv__bucket(kv, 0, ring[(d + 8) % 32])) != LLMKV__NO_SLOT) {
-            LLMKV__PREFETCH(&kv->nodes[p]);
-            if (ps > 1) LLMKV__PREFETCH(kv->tok + (size_t)p * ps);
-        }
-        p = llmkv__find_full(kv, node, ns, t + (size_t)d * ps, ring[d % 32]);
-        if (p == LLMKV__NO_SLOT) break;
-        if (path) path[d] = p;
-        node = p;
-    }
+    if (limit >= ps)
+        d = ps == 1 ? llmkv__walk_full1(kv, ns, t, limit, path, &node)
+                    : llmkv__walk_fullp(kv, ns, t, limit / ps, path, &node);
     if ((uint64_t)d * ps < limit) c = llmkv__best_child(kv, node, ns, t + (size_t)d * ps, limit - d * ps, &l);
     *n_full = d;
     *deepest = node;
@@ -3392,7 +3492,10 @@ static llmkv_result llmkv__seq_create_prefix_unlocked(llmkv_cache* cache, uint64
     llmkv__seq_create_unlocked(cache, out); /* cannot fail: a slot is free */
     s = &cache->seqs[slot];
     s->ns = ns;
-    for (k = 0; k < d; ++k) llmkv__page_hold(cache, t[k]);
+    for (k = 0; k < d; ++k) {
+        llmkv__page_hold(cache, t[k]);
+        llmkv__chain_front(cache, t[k]);
+    }
     if (cand != LLMKV__NO_SLOT) {
         t[d] = cand;
         llmkv__page_hold(cache, cand);
@@ -3483,7 +3586,7 @@ static llmkv_result llmkv__prefix_pin_unlocked(llmkv_cache* cache, uint64_t ns, 
         node = cand;
         pinned += lcp;
     }
-    for (p = node; p != LLMKV__NO_SLOT; p = cache->nodes[p].parent) {
+    for (p = node; p != LLMKV__NO_SLOT; p = cache->keys[p].parent) {
         llmkv__node* n = &cache->nodes[p];
         if (llmkv__evictable(cache, p)) llmkv__lru_remove(cache, p);
         if (n->pins++ == 0) cache->n_pinned_pages++;
@@ -3512,7 +3615,7 @@ static llmkv_result llmkv__prefix_unpin_unlocked(llmkv_cache* cache, llmkv_pin p
     if (!cache->nodes) return LLMKV_ERR_UNSUPPORTED;
     rec = llmkv__pin_lookup(cache, pin);
     if (!rec) return LLMKV_ERR_STALE_HANDLE;
-    for (p = rec->node; p != LLMKV__NO_SLOT; p = cache->nodes[p].parent) { /* deepest first */
+    for (p = rec->node; p != LLMKV__NO_SLOT; p = cache->keys[p].parent) { /* deepest first */
         llmkv__node* n = &cache->nodes[p];
         if (--n->pins == 0) {
             cache->n_pinned_pages--;
@@ -3887,6 +3990,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
     llmkv_result r = LLMKV_OK;
     for (p = 0; p < n; ++p) { /* nodes; children counted in scratch */
         const llmkv__node* d = &kv->nodes[p];
+        const llmkv__key* k = &kv->keys[p];
         const llmkv_token* t = kv->tok + (size_t)p * ps;
         if (!d->ntok) continue;
         cached++;
@@ -3895,16 +3999,16 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
             r = llmkv__corrupt(msg, size, "node %u: %u tokens, or an unknown one", p, d->ntok);
             goto done;
         }
-        if (d->parent != LLMKV__NO_SLOT) {
-            if (d->parent >= n || kv->nodes[d->parent].ntok != ps || kv->nodes[d->parent].ns != d->ns) {
-                r = llmkv__corrupt(msg, size, "node %u: parent %u is not a full node of its namespace", p, d->parent);
+        if (k->parent != LLMKV__NO_SLOT) {
+            if (k->parent >= n || kv->nodes[k->parent].ntok != ps || kv->nodes[k->parent].ns != d->ns) {
+                r = llmkv__corrupt(msg, size, "node %u: parent %u is not a full node of its namespace", p, k->parent);
                 goto done;
             }
-            kv->scratch[d->parent]++;
+            kv->scratch[k->parent]++;
         }
-        if (d->tok0 != t[0] ||
-            (d->ntok == ps && (d->chain != llmkv__chain_step(llmkv__parent_chain(kv, d->parent, d->ns), t, ps) ||
-                               d->hash_full != llmkv__full_hash(d->chain)))) {
+        if (k->tok0 != t[0] ||
+            (d->ntok == ps && (d->chain != llmkv__chain_step(llmkv__parent_chain(kv, k->parent, d->ns), t, ps) ||
+                               k->hash_full != llmkv__full_hash(d->chain)))) {
             r = llmkv__corrupt(msg, size, "node %u: its key does not match its tokens", p);
             goto done;
         }
@@ -3925,16 +4029,20 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         uint64_t b, nb = kv->n_buckets, total = 0;
         for (b = 0; b < nb; ++b) {
             uint32_t prev = LLMKV__NO_SLOT;
-            for (p = kv->heads[which * nb + b]; p != LLMKV__NO_SLOT; p = *llmkv__chain_next(&kv->nodes[p], (int)which)) {
-                llmkv__node* d;
+            for (p = kv->heads[which * nb + b]; p != LLMKV__NO_SLOT; p = *llmkv__chain_next(kv, p, (int)which)) {
+                const llmkv__node* d;
+                const llmkv__key* k;
                 if (p >= n || ++total > n) {
                     r = llmkv__corrupt(msg, size, "hash chain %u/%llu is broken", which, (unsigned long long)b);
                     goto done;
                 }
                 d = &kv->nodes[p];
-                if (!d->ntok || (which == 0 && d->ntok != ps) || llmkv__bucket(kv, (int)which, which ? llmkv__first_hash(llmkv__parent_chain(kv, d->parent, d->ns), d->tok0)
-                                                     : d->hash_full) != kv->heads + which * nb + b ||
-                    *llmkv__chain_prev(d, (int)which) != prev) {
+                k = &kv->keys[p];
+                if (!d->ntok || (which == 0 && d->ntok != ps) ||
+                    llmkv__bucket(kv, (int)which,
+                                  which ? llmkv__first_hash(llmkv__parent_chain(kv, k->parent, d->ns), k->tok0)
+                                        : k->hash_full) != kv->heads + which * nb + b ||
+                    *llmkv__chain_prev(kv, p, (int)which) != prev) {
                     r = llmkv__corrupt(msg, size, "hash chain %u/%llu: page %u misplaced", which, (unsigned long long)b, p);
                     goto done;
                 }
@@ -3948,8 +4056,8 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         }
     }
     for (p = 0; p < n; ++p) /* lookups (the chains are finite now) find each full node */
-        if (kv->nodes[p].ntok == ps && llmkv__find_full(kv, kv->nodes[p].parent, kv->nodes[p].ns, kv->tok + (size_t)p * ps,
-                                                        kv->nodes[p].hash_full) != p) {
+        if (kv->nodes[p].ntok == ps && llmkv__find_full(kv, kv->keys[p].parent, kv->nodes[p].ns, kv->tok + (size_t)p * ps,
+                                                        kv->keys[p].hash_full) != p) {
             r = llmkv__corrupt(msg, size, "node %u: not found under its key", p);
             goto done;
         }
@@ -3966,7 +4074,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         goto done;
     }
     for (p = 0; p < n; ++p) {
-        uint32_t q = kv->nodes[p].parent;
+        uint32_t q = kv->keys[p].parent;
         int ev = llmkv__evictable(kv, p);
         if (!kv->nodes[p].ntok) continue;
         if (ev != (kv->scratch[p] != 0)) {
@@ -3985,7 +4093,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         uint32_t depth = 0;
         if (!pr->live) continue;
         count++;
-        for (p = pr->node; p != LLMKV__NO_SLOT; p = kv->nodes[p].parent) {
+        for (p = pr->node; p != LLMKV__NO_SLOT; p = kv->keys[p].parent) {
             if (p >= n || !kv->nodes[p].ntok || ++depth > n) {
                 r = llmkv__corrupt(msg, size, "pin %u: path through page %u is not in the index", j, p);
                 goto done;
@@ -4023,7 +4131,7 @@ static llmkv_result llmkv__check_prefix(llmkv_cache* kv, char* msg, size_t size)
         }
         for (k = 0, gap = 0; k < s->n_pages; ++k) { /* nodes: a prefix of the table, along one path */
             const llmkv__node* d = &kv->nodes[t[k]];
-            int on_path = d->ntok && d->ns == s->ns && d->parent == (k ? t[k - 1] : LLMKV__NO_SLOT);
+            int on_path = d->ntok && d->ns == s->ns && kv->keys[t[k]].parent == (k ? t[k - 1] : LLMKV__NO_SLOT);
             if ((k < s->n_pub && (!on_path || d->ntok != ps)) || (d->ntok && (!on_path || gap))) {
                 r = llmkv__corrupt(msg, size, "slot %u: page %u (id %u) breaks its published path", j, k, t[k]);
                 goto done;
@@ -7369,16 +7477,17 @@ static void llmkv__emit_cache(llmkv__sink* s, const llmkv_cache* kv, int increme
         llmkv__sec_begin(s, LLMKV__T_NODE, (uint64_t)kv->n_cached * LLMKV__NODE_RECORD);
         for (i = 0; i < n; ++i) {
             const llmkv__node* x = &kv->nodes[i];
+            const llmkv__key* k = &kv->keys[i];
             unsigned char r[LLMKV__NODE_RECORD];
             if (!x->ntok) continue;
             llmkv__wr32(r, i);
-            llmkv__wr32(r + 4, x->parent);
+            llmkv__wr32(r + 4, k->parent);
             llmkv__wr32(r + 8, x->ntok);
             llmkv__wr32(r + 12, x->n_children);
             llmkv__wr32(r + 16, x->pins);
-            llmkv__wr32(r + 20, x->hash_full);
-            llmkv__wr32(r + 24, (uint32_t)x->tok0);
-            llmkv__wr32(r + 28, x->full_next);
+            llmkv__wr32(r + 20, k->hash_full);
+            llmkv__wr32(r + 24, (uint32_t)k->tok0);
+            llmkv__wr32(r + 28, k->full_next);
             llmkv__wr32(r + 32, x->full_prev);
             llmkv__wr32(r + 36, x->first_next);
             llmkv__wr32(r + 40, x->first_prev);
@@ -8089,6 +8198,7 @@ static int llmkv__load_body(llmkv__src* r, llmkv_cache* kv, int base, uint64_t p
         for (e = 0; e < (uint64_t)n * ps; ++e)
             if (kv->tok[e] < -1) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "token id %d", (int)kv->tok[e]);
         memset(kv->nodes, 0, (size_t)n * sizeof(llmkv__node));
+        memset(kv->keys, 0, (size_t)n * sizeof(llmkv__key));
         if (!llmkv__sec_open(r, LLMKV__T_NODE, UINT64_MAX, &bytes)) return 0;
         count = bytes / LLMKV__NODE_RECORD;
         if (bytes % LLMKV__NODE_RECORD || count > n) return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "node section size");
@@ -8096,19 +8206,21 @@ static int llmkv__load_body(llmkv__src* r, llmkv_cache* kv, int base, uint64_t p
             unsigned char rec[LLMKV__NODE_RECORD];
             uint32_t p;
             llmkv__node* x;
+            llmkv__key* k;
             if (!llmkv__rd(r, rec, sizeof rec)) return 0;
             p = llmkv__rd32(rec);
             if (p >= n || (e && p <= j) || llmkv__rd32(rec + 8) == 0)
                 return llmkv__bad(r, LLMKV_ERR_BAD_FORMAT, "node record %llu: page %u", (unsigned long long)e, p);
             j = p;
             x = &kv->nodes[p];
-            x->parent = llmkv__rd32(rec + 4);
+            k = &kv->keys[p];
+            k->parent = llmkv__rd32(rec + 4);
             x->ntok = llmkv__rd32(rec + 8);
             x->n_children = llmkv__rd32(rec + 12);
             x->pins = llmkv__rd32(rec + 16);
-            x->hash_full = llmkv__rd32(rec + 20);
-            x->tok0 = (llmkv_token)llmkv__rd32(rec + 24);
-            x->full_next = llmkv__rd32(rec + 28);
+            k->hash_full = llmkv__rd32(rec + 20);
+            k->tok0 = (llmkv_token)llmkv__rd32(rec + 24);
+            k->full_next = llmkv__rd32(rec + 28);
             x->full_prev = llmkv__rd32(rec + 32);
             x->first_next = llmkv__rd32(rec + 36);
             x->first_prev = llmkv__rd32(rec + 40);
