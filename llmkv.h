@@ -1814,8 +1814,7 @@ typedef struct llmkv__seq {
    A node is two records. llmkv__key holds what a full-key lookup reads:
    16 bytes, four pages to a cache line, so the walk along a cached prompt
    reads its bucket and a quarter of a line per page and never the rest of
-   the node (at page size 1 the walk is bound by the cache lines it
-   reads). llmkv__node holds the rest. */
+   the node. llmkv__node holds the rest. */
 typedef struct llmkv__key {
     uint32_t parent;
     llmkv_token tok0;   /* its first token, inline: page size 1 never reads the token array */
@@ -2442,10 +2441,11 @@ static int llmkv__tokens_equal(const llmkv_token* a, const llmkv_token* b, uint3
 }
 
 /* The full node with key (parent, ns, tokens t[0, page_size)), whose
-   chained hash is h, or NO_SLOT; chain_find searches its chain from p on. Below the root a node's namespace is its
-   parent's, so only a root node's is compared (the one read of a node
-   record); a node of another namespace is rejected before its tokens are
-   read. */
+   chained hash is h, or NO_SLOT: find_full searches its bucket's chain,
+   chain_find the chain from page p on. Below the root a node's namespace
+   is its parent's, so only a root node's is compared (the one read of a
+   node record); a node of another namespace is rejected before its tokens
+   are read. */
 static uint32_t llmkv__chain_find(const llmkv_cache* kv, uint32_t p, uint32_t parent, uint64_t ns, const llmkv_token* t,
                                   uint32_t h) {
     uint32_t ps = kv->layout.page_size;
