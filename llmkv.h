@@ -2901,6 +2901,20 @@ static void llmkv__publish(llmkv_cache* kv, uint32_t slot, int partial) {
     }
 }
 
+/* The walk's hashing stage for page i of t: extends the chain state h
+   (returned), records the page's bucket index in ring[] (and its hash in
+   hring[] when ps > 1) and prefetches the bucket. */
+LLMKV__FORCE_INLINE uint64_t llmkv__walk_hash(uint64_t h, const llmkv_token* t, uint32_t i, uint32_t ps, uint64_t nb,
+                                              const uint32_t* heads, uint32_t* ring, uint32_t* hring) {
+    uint32_t hb;
+    h = llmkv__chain_step(h, t + (size_t)i * ps, ps);
+    hb = llmkv__full_hash(h);
+    ring[i % 32] = (uint32_t)llmkv__bucket_index(nb, hb);
+    if (ps > 1) hring[i % 32] = hb;
+    LLMKV__PREFETCH(&heads[ring[i % 32]]);
+    return h;
+}
+
 /* The full pages of the walk (see llmkv__prefix_walk): how many of
    t[0, pages * ps) are cached, their ids into path[] when not NULL, the
    last into *deepest. pages >= 1. Inlined with ps a constant 1 and with
@@ -2930,12 +2944,8 @@ LLMKV__FORCE_INLINE uint32_t llmkv__walk_full(const llmkv_cache* kv, uint64_t ns
     *deepest = node;
     if (node == LLMKV__NO_SLOT) return 0;
     if (path) path[0] = node;
-    for (hashed = 1; hashed < pages && hashed < 18; ++hashed) {
-        uint32_t hb = llmkv__full_hash(h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps));
-        ring[hashed % 32] = (uint32_t)llmkv__bucket_index(nb, hb);
-        if (ps > 1) hring[hashed % 32] = hb;
-        LLMKV__PREFETCH(&heads[ring[hashed % 32]]);
-    }
+    for (hashed = 1; hashed < pages && hashed < 18; ++hashed)
+        h = llmkv__walk_hash(h, t, hashed, ps, nb, heads, ring, hring);
     for (d = 1; d < pages; ++d) {
         const llmkv_token* td = t + (size_t)d * ps;
         const llmkv__key* k;
@@ -2952,13 +2962,7 @@ LLMKV__FORCE_INLINE uint32_t llmkv__walk_full(const llmkv_cache* kv, uint64_t ns
         }
         if (path) path[d] = p;
         node = p;
-        if (hashed < pages) {
-            uint32_t hb = llmkv__full_hash(h = llmkv__chain_step(h, t + (size_t)hashed * ps, ps));
-            ring[hashed % 32] = (uint32_t)llmkv__bucket_index(nb, hb);
-            if (ps > 1) hring[hashed % 32] = hb;
-            LLMKV__PREFETCH(&heads[ring[hashed % 32]]);
-            ++hashed;
-        }
+        if (hashed < pages) h = llmkv__walk_hash(h, t, hashed++, ps, nb, heads, ring, hring);
         if (d + 9 < hashed && (p = heads[ring[(d + 9) % 32]]) != LLMKV__NO_SLOT) {
             LLMKV__PREFETCH(&keys[p]);
             if (ps > 1) LLMKV__PREFETCH(tok + (size_t)p * ps);
