@@ -1053,6 +1053,8 @@ LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool);
    4-byte aligned, LLMKV_ERR_BUFFER_TOO_SMALL for strides shorter than a row,
    LLMKV_ERR_NO_PAGE_DATA on a metadata-only cache, LLMKV_ERR_UNSUPPORTED for
    a path this machine cannot run. Nothing is written on error.
+   Uses about 110 KiB of the calling thread's stack (so do llmkv_attend_part
+   and its workers); allocates only as the pool's workspace grows.
    Thread safety: reads the cache (concurrent attends on one cache are fine
    as long as nothing mutates it); the pool runs one call at a time. */
 LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch* batch,
@@ -4412,6 +4414,14 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 #define LLMKV__ATTN_SJ (LLMKV__ATTN_CHUNK + 16u) /* score row stride: a kernel may write
                                        up to 15 scores past a part's end */
 #define LLMKV__ATTN_MIN_SPLIT 256u  /* keys per split-K part at least */
+/* Prefill tiles (llmkv__attend_tile): rows in vectors of sixteen. */
+#define LLMKV__TILE_ROWS 64u        /* rows of a tile at most */
+#define LLMKV__TILE_ELEMS 8192u     /* rows (rounded up to 16) x head_dim at most */
+#define LLMKV__TILE_MAX_KEYS 32u    /* keys per chunk at most */
+#define LLMKV__TILE_SCRATCH 4096u   /* keys per chunk x head_dim at most (values as F32) */
+#define LLMKV__TILE_SCORES 2048u    /* keys per chunk x rows at most */
+#define LLMKV__MAX_TILE_DIM 256u    /* head_dim of the tile path at most (a multiple of 8) */
+#define LLMKV__TILE_MIN_ROWS 16u    /* a sequence's rows per KV head for the tile path */
 
 typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
                              const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
@@ -4420,6 +4430,23 @@ typedef void (*llmkv__pv_fn)(const float* P, uint32_t sj, uint32_t M, uint32_t D
                              const unsigned char* const* vs, size_t vsoff, uint32_t J, float* acc,
                              const unsigned char* const* pf, uint32_t npf);
 typedef float (*llmkv__ex_fn)(float* x, uint32_t n, float sub);
+/* Tile kernels (rows in lanes; see llmkv__attend_tile): QT[d][r] and
+   accT[c][r] hold 16 RB rows each, 16 RB floats apart, 64-byte aligned;
+   scores ST[j][r] likewise. K/V rows as for qk/pv, of storage type t;
+   scratch holds the rows a kernel converts to F32. Spread over its work, a
+   kernel also prefetches rows pf[0 .. npf) (pf_bytes each). */
+typedef void (*llmkv__tqk_fn)(const float* QT, uint32_t RB, uint32_t D, llmkv_dtype t, const unsigned char* const* k,
+                              size_t koff, const unsigned char* const* ks, size_t ksoff, uint32_t J, float* ST,
+                              float* scratch, const unsigned char* const* pf, uint32_t npf, uint32_t pf_bytes);
+typedef void (*llmkv__tpv_fn)(const float* PT, uint32_t RB, uint32_t D, llmkv_dtype t, const unsigned char* const* v,
+                              size_t voff, const unsigned char* const* vs, size_t vsoff, uint32_t J, float* accT,
+                              const float* alpha, int rescale, float* scratch, const unsigned char* const* pf,
+                              uint32_t npf, uint32_t pf_bytes);
+/* QT[d][r] = src[r][d] * scale (r < 16 RB, d < D); dst[r][d] = accT[d][r] * mult[r] (r < M). */
+typedef void (*llmkv__tin_fn)(float* QT, uint32_t RB, uint32_t D, const float* const* src, float scale);
+typedef void (*llmkv__tout_fn)(float* const* dst, uint32_t M, const float* accT, uint32_t RB, uint32_t D, const float* mult);
+typedef int (*llmkv__tsoft_fn)(float* ST, uint32_t RB, uint32_t J, uint32_t k, const uint32_t* lo, const uint32_t* hi,
+                               int whole, float* mx, float* l, float* alpha);
 typedef float (*llmkv__max_fn)(const float* x, uint32_t n);
 
 typedef struct llmkv__kernels {
@@ -4430,6 +4457,11 @@ typedef struct llmkv__kernels {
     int q_bf16[7];     /* qk[t] reads its query rows as BF16 high and low parts (see llmkv__attend_unit) */
     llmkv__qk_fn qk_int8[7]; /* when set: QK against an int8 query (llmkv__qint_prepare) for head_dim
                                 a multiple of 128 (Q4 keys); otherwise qk[t] */
+    llmkv__tqk_fn tile_qk;   /* prefill tiles, all NULL on a path without them: */
+    llmkv__tpv_fn tile_pv;   /* every storage type but Q4C keys */
+    llmkv__tsoft_fn tile_soft;
+    llmkv__tin_fn tile_in;
+    llmkv__tout_fn tile_out;
 } llmkv__kernels;
 
 /* Asks for n rows (each at `offset` from its pointer) to be brought into the
@@ -5353,7 +5385,7 @@ LLMKV__VNNI_KERNEL(q4, LLMKV_DTYPE_Q4)
 static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
     __mmask16 tiny = _mm512_mask_cmp_ps_mask((__mmask16)0xffffu, x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
     __m512 n, r, p;
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x)); /* NaN stays NaN */
     n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
@@ -5392,6 +5424,256 @@ static LLMKV__T512 float llmkv__ex_avx512(float* x, uint32_t n, float sub) {
         s = _mm512_add_ps(s, e);
     }
     return llmkv__hsum512(s);
+}
+
+/* --- AVX-512 prefill tiles (see llmkv__attend_tile) ------------------------ */
+/* Rows in lanes: a tile of Mp = 16 RB query rows is held transposed (QT[d][r]
+   and accT[c][r], Mp floats apart), so each K or V element, broadcast,
+   meets sixteen rows in one FMA and no reduction is needed. Keys and values
+   are read as F32 rows: F32 pages directly, other types converted once per
+   tile into per-thread scratch. */
+
+/* Rows [0, n) of a part converted to F32 into dst, D floats apart. */
+#define LLMKV__TILE_ROWS_LOOP(Z16, Z)                                                                             \
+    for (i = 0; i < n; ++i) {                                                                                     \
+        const unsigned char* p = rows[i] + off;                                                                   \
+        const unsigned char* sc = srows ? srows[i] + soff : NULL;                                                 \
+        float* o = dst + (size_t)i * D;                                                                           \
+        for (c = 0; c + 16 <= D; c += 16) _mm512_storeu_ps(o + c, Z16(p, sc, c));                                \
+        if (c < D) _mm512_mask_storeu_ps(o + c, tail, Z(tail, p, sc, c));                                        \
+    }
+static LLMKV__T512 void llmkv__tile_rows_avx512(llmkv_dtype t, const unsigned char* const* rows, size_t off,
+                                                const unsigned char* const* srows, size_t soff, uint32_t n,
+                                                uint32_t D, float* dst) {
+    uint32_t i, c;
+    __mmask16 tail = (__mmask16)((1u << D % 16) - 1);
+    switch (t) {
+    case LLMKV_DTYPE_F16: LLMKV__TILE_ROWS_LOOP(llmkv__z16_f16, llmkv__z_f16) break;
+    case LLMKV_DTYPE_BF16: LLMKV__TILE_ROWS_LOOP(llmkv__z16_bf16, llmkv__z_bf16) break;
+    case LLMKV_DTYPE_Q8: LLMKV__TILE_ROWS_LOOP(llmkv__z16_q8, llmkv__z_q8) break;
+    case LLMKV_DTYPE_Q4: LLMKV__TILE_ROWS_LOOP(llmkv__z16_q4, llmkv__z_q4) break;
+    case LLMKV_DTYPE_FP8: LLMKV__TILE_ROWS_LOOP(llmkv__z16_fp8, llmkv__z_fp8) break;
+    default: LLMKV__TILE_ROWS_LOOP(llmkv__z16_f32, llmkv__z_f32) break;
+    }
+}
+#undef LLMKV__TILE_ROWS_LOOP
+
+/* Scores of the tile's 16 RB rows against NK keys (rows kr[0 .. NK), F32):
+   ST[j][r] for j < nk. Accumulators RB x NK (16 or 15). */
+LLMKV__I512 void llmkv__tqk_block(const float* QT, uint32_t D, const float* const* kr, uint32_t nk, float* ST,
+                                  const uint32_t RB, const uint32_t NK) {
+    __m512 acc[4][8];
+    const float* k[8];
+    uint32_t d, b, j, Mp = 16 * RB;
+    LLMKV__UNROLL for (j = 0; j < NK; ++j) k[j] = kr[j];
+    LLMKV__UNROLL for (b = 0; b < RB; ++b) LLMKV__UNROLL for (j = 0; j < NK; ++j) acc[b][j] = _mm512_setzero_ps();
+    for (d = 0; d < D; ++d) {
+        __m512 q[4];
+        LLMKV__UNROLL for (b = 0; b < RB; ++b) q[b] = _mm512_load_ps(QT + (size_t)d * Mp + 16 * b);
+        LLMKV__UNROLL for (j = 0; j < NK; ++j) {
+            __m512 kv = _mm512_set1_ps(k[j][d]);
+            LLMKV__UNROLL for (b = 0; b < RB; ++b) acc[b][j] = _mm512_fmadd_ps(q[b], kv, acc[b][j]);
+        }
+    }
+    LLMKV__UNROLL for (j = 0; j < NK; ++j)
+        if (j < nk)
+            LLMKV__UNROLL for (b = 0; b < RB; ++b) _mm512_store_ps(ST + (size_t)j * Mp + 16 * b, acc[b][j]);
+}
+
+/* accT[c][r] (columns c0 .. c0 + CW) = alpha[r] accT[c][r] (when rescale)
+   + sum_j PT[j][r] V[j][c]; accumulators RB x CW held over all J keys. */
+LLMKV__I512 void llmkv__tpv_block(const float* PT, uint32_t J, const float* const* vr, uint32_t c0, float* accT,
+                                  const float* alpha, int rescale, const uint32_t RB, const uint32_t CW) {
+    __m512 acc[4][8], p[4];
+    uint32_t j, b, c, Mp = 16 * RB;
+    LLMKV__UNROLL for (c = 0; c < CW; ++c) LLMKV__UNROLL for (b = 0; b < RB; ++b) {
+        acc[b][c] = _mm512_load_ps(accT + (size_t)(c0 + c) * Mp + 16 * b);
+        if (rescale) acc[b][c] = _mm512_mul_ps(acc[b][c], _mm512_load_ps(alpha + 16 * b));
+    }
+    for (j = 0; j < J; ++j) {
+        const float* v = vr[j] + c0;
+        LLMKV__UNROLL for (b = 0; b < RB; ++b) p[b] = _mm512_load_ps(PT + (size_t)j * Mp + 16 * b);
+        LLMKV__UNROLL for (c = 0; c < CW; ++c) {
+            __m512 vb = _mm512_set1_ps(v[c]);
+            LLMKV__UNROLL for (b = 0; b < RB; ++b) acc[b][c] = _mm512_fmadd_ps(p[b], vb, acc[b][c]);
+        }
+    }
+    LLMKV__UNROLL for (c = 0; c < CW; ++c) LLMKV__UNROLL for (b = 0; b < RB; ++b)
+        _mm512_store_ps(accT + (size_t)(c0 + c) * Mp + 16 * b, acc[b][c]);
+}
+
+/* Keys per QK block and value columns per PV block for RB row vectors. */
+#define LLMKV__TILE_NK(RB) ((RB) <= 2 ? 8u : (RB) == 3 ? 5u : 4u)
+#define LLMKV__TILE_CW(RB) ((RB) <= 2 ? 8u : 4u)
+
+static LLMKV__T512 void llmkv__tile_qk_avx512(const float* QT, uint32_t RB, uint32_t D, llmkv_dtype t,
+                                              const unsigned char* const* k, size_t koff,
+                                              const unsigned char* const* ks, size_t ksoff, uint32_t J, float* ST,
+                                              float* scratch, const unsigned char* const* pf, uint32_t npf,
+                                              uint32_t pf_bytes) {
+    const float* kr[8];
+    uint32_t NK = LLMKV__TILE_NK(RB), j0, j, nk;
+    for (j0 = 0; j0 < J; j0 += nk) {
+        nk = J - j0 < NK ? J - j0 : NK;
+        if (j0 < npf) llmkv__prefetch_rows(pf + j0, npf - j0 < nk ? npf - j0 : nk, pf_bytes, 0); /* npf <= J */
+        if (t == LLMKV_DTYPE_F32)
+            for (j = 0; j < NK; ++j) kr[j] = (const float*)(const void*)(k[j0 + (j < nk ? j : nk - 1)] + koff);
+        else {
+            llmkv__tile_rows_avx512(t, k + j0, koff, ks ? ks + j0 : NULL, ksoff, nk, D, scratch);
+            for (j = 0; j < NK; ++j) kr[j] = scratch + (size_t)(j < nk ? j : nk - 1) * D;
+        }
+        switch (RB) {
+        case 1: llmkv__tqk_block(QT, D, kr, nk, ST + (size_t)j0 * 16, 1, LLMKV__TILE_NK(1)); break;
+        case 2: llmkv__tqk_block(QT, D, kr, nk, ST + (size_t)j0 * 32, 2, LLMKV__TILE_NK(2)); break;
+        case 3: llmkv__tqk_block(QT, D, kr, nk, ST + (size_t)j0 * 48, 3, LLMKV__TILE_NK(3)); break;
+        default: llmkv__tqk_block(QT, D, kr, nk, ST + (size_t)j0 * 64, 4, LLMKV__TILE_NK(4)); break;
+        }
+    }
+}
+
+static LLMKV__T512 void llmkv__tile_pv_avx512(const float* PT, uint32_t RB, uint32_t D, llmkv_dtype t,
+                                              const unsigned char* const* v, size_t voff,
+                                              const unsigned char* const* vs, size_t vsoff, uint32_t J, float* accT,
+                                              const float* alpha, int rescale, float* scratch,
+                                              const unsigned char* const* pf, uint32_t npf, uint32_t pf_bytes) {
+    const float* vr[LLMKV__TILE_MAX_KEYS];
+    uint32_t CW = LLMKV__TILE_CW(RB), j, c0, p = 0, credit = 0;
+    if (t == LLMKV_DTYPE_F32)
+        for (j = 0; j < J; ++j) vr[j] = (const float*)(const void*)(v[j] + voff);
+    else {
+        llmkv__tile_rows_avx512(t, v, voff, vs, vsoff, J, D, scratch);
+        for (j = 0; j < J; ++j) vr[j] = scratch + (size_t)j * D;
+    }
+    for (c0 = 0; c0 < D; c0 += CW) {
+        for (credit += npf * CW; credit >= D && p < npf; credit -= D) /* npf rows spread over D / CW blocks */
+            llmkv__prefetch_rows(pf + p++, 1, pf_bytes, 0);
+        switch (RB) {
+        case 1: llmkv__tpv_block(PT, J, vr, c0, accT, alpha, rescale, 1, LLMKV__TILE_CW(1)); break;
+        case 2: llmkv__tpv_block(PT, J, vr, c0, accT, alpha, rescale, 2, LLMKV__TILE_CW(2)); break;
+        case 3: llmkv__tpv_block(PT, J, vr, c0, accT, alpha, rescale, 3, LLMKV__TILE_CW(3)); break;
+        default: llmkv__tpv_block(PT, J, vr, c0, accT, alpha, rescale, 4, LLMKV__TILE_CW(4)); break;
+        }
+    }
+}
+
+/* Transposes 16 x 16 floats in place: x[i] lane j <- x[j] lane i. */
+LLMKV__I512 void llmkv__transpose16(__m512* x) {
+    __m512 t[16];
+    uint32_t i;
+    LLMKV__UNROLL for (i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]);
+    }
+    LLMKV__UNROLL for (i = 0; i < 4; ++i) {
+        x[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        x[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        x[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+        x[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    }
+    /* x[4i + k] now holds, in each 128-bit lane L, elements k of rows 4i..4i+3 at columns 4L + k' order */
+    LLMKV__UNROLL for (i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_f32x4(x[i], x[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(x[i], x[4 + i], 0xdd);
+        t[8 + i] = _mm512_shuffle_f32x4(x[8 + i], x[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(x[8 + i], x[12 + i], 0xdd);
+    }
+    LLMKV__UNROLL for (i = 0; i < 4; ++i) {
+        x[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+        x[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+        x[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+        x[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xdd);
+    }
+}
+
+static LLMKV__T512 void llmkv__tile_in_avx512(float* QT, uint32_t RB, uint32_t D, const float* const* src, float scale) {
+    uint32_t Mp = 16 * RB, r0, c, i, n;
+    __m512 x[16], sc = _mm512_set1_ps(scale);
+    for (r0 = 0; r0 < Mp; r0 += 16)
+        for (c = 0; c < D; c += 16) {
+            __mmask16 m = (__mmask16)(D - c >= 16 ? 0xffffu : (1u << (D - c)) - 1);
+            n = D - c >= 16 ? 16 : D - c;
+            LLMKV__UNROLL for (i = 0; i < 16; ++i) x[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src[r0 + i] + c), sc);
+            llmkv__transpose16(x);
+            for (i = 0; i < n; ++i) _mm512_store_ps(QT + (size_t)(c + i) * Mp + r0, x[i]);
+        }
+}
+
+static LLMKV__T512 void llmkv__tile_out_avx512(float* const* dst, uint32_t M, const float* accT, uint32_t RB, uint32_t D,
+                                               const float* mult) {
+    uint32_t Mp = 16 * RB, r0, c, i, n, nr;
+    __m512 x[16];
+    for (r0 = 0; r0 < M; r0 += 16) {
+        __m512 mu = _mm512_load_ps(mult + r0);
+        nr = M - r0 < 16 ? M - r0 : 16;
+        for (c = 0; c < D; c += 16) {
+            __mmask16 m = (__mmask16)(D - c >= 16 ? 0xffffu : (1u << (D - c)) - 1);
+            n = D - c >= 16 ? 16 : D - c;
+            LLMKV__UNROLL for (i = 0; i < 16; ++i)
+                x[i] = i < n ? _mm512_mul_ps(_mm512_load_ps(accT + (size_t)(c + i) * Mp + r0), mu) : _mm512_setzero_ps();
+            llmkv__transpose16(x);
+            for (i = 0; i < nr; ++i) _mm512_mask_storeu_ps(dst[r0 + i] + c, m, x[i]);
+        }
+    }
+}
+
+/* exp(x) for x <= 0 or NaN (a score minus its row's maximum), as
+   llmkv__exp512 computes it: below -110 the result underflows to exactly 0
+   (exp(-inf) is 0), so no mask is needed; NaN stays NaN. */
+LLMKV__I512 __m512 llmkv__exp512_neg(__m512 x) {
+    __m512 n, r, p;
+    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The online-softmax step of a tile over scores ST[j][r], j < J (keys k + j):
+   masks keys outside [lo[r], hi[r]) unless `whole`, turns scores into
+   exp(s - m) with m the row's new running maximum, updates mx and l, and
+   sets alpha[r] = exp(old m - new m), the factor accT must be scaled by.
+   Returns 0 when every alpha is 1 (nothing to rescale). A row with no
+   visible key so far keeps max -inf, sum 0 and alpha 0. */
+static LLMKV__T512 int llmkv__tile_soft_avx512(float* ST, uint32_t RB, uint32_t J, uint32_t k, const uint32_t* lo,
+                                               const uint32_t* hi, int whole, float* mx, float* l, float* alpha) {
+    uint32_t Mp = 16 * RB, b, j;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), one = _mm512_set1_ps(1.0f);
+    __mmask16 changed = 0;
+    for (b = 0; b < RB; ++b) {
+        float* s = ST + 16 * b;
+        __m512 m = ninf, mo = _mm512_load_ps(mx + 16 * b), newm, base, a, sum = _mm512_setzero_ps();
+        if (!whole) {
+            __m512i lov = _mm512_loadu_si512((const void*)(lo + 16 * b)), hiv = _mm512_loadu_si512((const void*)(hi + 16 * b));
+            for (j = 0; j < J; ++j) {
+                __m512i key = _mm512_set1_epi32((int)(k + j));
+                __mmask16 vis = _mm512_cmpge_epu32_mask(key, lov) & _mm512_cmplt_epu32_mask(key, hiv);
+                __m512 x = _mm512_mask_mov_ps(ninf, vis, _mm512_load_ps(s + (size_t)j * Mp));
+                _mm512_store_ps(s + (size_t)j * Mp, x);
+                m = _mm512_max_ps(m, x);
+            }
+        } else
+            for (j = 0; j < J; ++j) m = _mm512_max_ps(m, _mm512_load_ps(s + (size_t)j * Mp));
+        newm = _mm512_max_ps(mo, m);
+        base = _mm512_mask_mov_ps(newm, _mm512_cmp_ps_mask(newm, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+        a = llmkv__exp512_neg(_mm512_sub_ps(mo, base));
+        for (j = 0; j < J; ++j) {
+            __m512 e = llmkv__exp512_neg(_mm512_sub_ps(_mm512_load_ps(s + (size_t)j * Mp), base));
+            _mm512_store_ps(s + (size_t)j * Mp, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        _mm512_store_ps(l + 16 * b, _mm512_fmadd_ps(_mm512_load_ps(l + 16 * b), a, sum));
+        _mm512_store_ps(mx + 16 * b, newm);
+        _mm512_store_ps(alpha + 16 * b, a);
+        changed |= _mm512_cmp_ps_mask(a, one, _CMP_NEQ_UQ);
+    }
+    return changed != 0;
 }
 
 /* --- AVX2 + FMA + F16C ----------------------------------------------------- */
@@ -6165,6 +6447,11 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
         k->pv[3] = llmkv__pv_avx512_q8; k->pv[4] = llmkv__pv_avx512_q4t; k->pv[5] = llmkv__pv_avx512_fp8;
         k->ex = llmkv__ex_avx512;
         k->max = llmkv__max_avx512;
+        k->tile_qk = llmkv__tile_qk_avx512;
+        k->tile_pv = llmkv__tile_pv_avx512;
+        k->tile_soft = llmkv__tile_soft_avx512;
+        k->tile_in = llmkv__tile_in_avx512;
+        k->tile_out = llmkv__tile_out_avx512;
         return;
     case LLMKV_CPU_PATH_AVX2:
         k->qk[0] = llmkv__qk_avx2_f32; k->qk[1] = llmkv__qk_avx2_f16; k->qk[2] = llmkv__qk_avx2_bf16;
@@ -6209,7 +6496,7 @@ static void llmkv__kernels_for(llmkv_cpu_path path, llmkv__kernels* k) {
    HEAD_ROWS) share every K/V vector they load; a block of several KV heads
    reads each page's K and V parts as one contiguous stream, which is what
    decode at memory speed needs. Rows * head_dim is bounded so the
-   per-thread state fits on the stack (about 70 KiB). */
+   per-thread state fits on the stack (about 95 KiB with the Q4C table). */
 
 typedef struct llmkv__job {
     const llmkv_cache* kv;
@@ -6231,10 +6518,13 @@ typedef struct llmkv__job {
     int channel;                    /* Q4C keys: qk takes raw codes (llmkv__qk_channel), and the
                                        staged page of each sequence is read at F16 by qk_stage */
     llmkv__qk_fn qk_stage;
+    int tile;                       /* prefill units may use the tile kernels */
+    uint32_t tile_rows, tile_keys;  /* a tile's rows (a multiple of 16) and keys per chunk at most */
 } llmkv__job;
 
 typedef struct llmkv__unit {
     uint32_t seq, kvh0, kvh1, h0, h1, t0, t1, k0, k1, split, n_splits;
+    int tiled;                      /* computed by llmkv__attend_tile: one KV head, rows in lanes */
     uint64_t ws;                    /* float offset of its partial (split units) */
 } llmkv__unit;
 
@@ -6300,6 +6590,16 @@ static int llmkv__walk_next(const llmkv__job* jb, llmkv__walk* w) {
     }
     if (u->n_splits > 1) w->ws_next += (uint64_t)llmkv__unit_rows(u) * (jb->D + 2);
     if (++u->split < u->n_splits) goto split_start;
+    if (u->tiled) { /* KV head outermost: a thread's successive tiles share their K/V */
+        u->t0 = u->t1;
+        if (u->t0 < llmkv__q_len(b, u->seq)) goto tile_start;
+        u->h0 = u->h1;
+        if (u->h0 < jb->G) goto hsub_start;
+        u->kvh0 = u->kvh1;
+        if (u->kvh0 < jb->kv->layout.n_kv_heads) goto tiled_kvh;
+        u->seq++;
+        goto seq_start;
+    }
     u->kvh0 = u->kvh1;
     if (u->kvh0 < jb->kv->layout.n_kv_heads) goto kvh_start;
     u->t0 = u->t1;
@@ -6311,16 +6611,25 @@ seq_start:
     while (u->seq < b->n_seqs && llmkv__q_len(b, u->seq) == 0) u->seq++;
     if (u->seq >= b->n_seqs) return 0;
     u->n_splits = llmkv__n_splits(jb, u->seq);
+    u->tiled = jb->tile && (uint64_t)llmkv__q_len(b, u->seq) * jb->G >= LLMKV__TILE_MIN_ROWS;
+    u->kvh0 = 0;
+tiled_kvh:
+    u->kvh1 = u->kvh0 + 1;
     u->h0 = 0;
 hsub_start:
-    u->h1 = u->h0 + jb->HS < jb->G ? u->h0 + jb->HS : jb->G;
+    {
+        uint32_t hs = u->tiled ? (jb->G < jb->tile_rows ? jb->G : jb->tile_rows) : jb->HS;
+        u->h1 = u->h0 + hs < jb->G ? u->h0 + hs : jb->G;
+    }
     u->t0 = 0;
 tile_start:
     {
         uint32_t q = llmkv__q_len(b, u->seq), qt = LLMKV__ATTN_HEAD_ROWS / (u->h1 - u->h0);
         if (qt > jb->QT) qt = jb->QT;
+        if (u->tiled) qt = jb->tile_rows / (u->h1 - u->h0);
         u->t1 = u->t0 + qt < q ? u->t0 + qt : q;
     }
+    if (u->tiled) goto tiled_unit;
     u->kvh0 = 0;
 kvh_start:
     {
@@ -6328,6 +6637,7 @@ kvh_start:
         if (n < 1) n = 1;
         u->kvh1 = u->kvh0 + n < jb->kv->layout.n_kv_heads ? u->kvh0 + n : jb->kv->layout.n_kv_heads;
     }
+tiled_unit:
     u->split = 0;
 split_start:
     llmkv__split_range(jb, u->seq, u->split, u->n_splits, &u->k0, &u->k1);
@@ -6474,7 +6784,7 @@ static void llmkv__qk_channel(const llmkv__job* jb, const float* q, uint32_t M, 
 /* Computes one unit: online softmax over its keys, page by page. Writes the
    normalised rows to out (and lse), or, for a split part, its unnormalised
    accumulator with running max and sum to `partial`. */
-static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float* partial) {
+LLMKV__NOINLINE void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float* partial) {
     /* Qs: the scaled query rows in F32, head_dim apart, or, for a QK kernel
        that reads BF16, each row as BF16 high and low parts (q = hi + lo to
        about 16 bits), 2 Dp values apart, Dp = head_dim rounded up to 32. */
@@ -6620,6 +6930,118 @@ static void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit* u, float
     }
 }
 
+/* Bytes of a stored head vector of D elements (its scales aside). */
+static size_t llmkv__tile_row_bytes(llmkv_dtype t, uint32_t D) {
+    return t == LLMKV_DTYPE_Q4 ? (D + 1) / 2 : (size_t)D * llmkv_dtype_size(t);
+}
+
+/* p rounded up to a multiple of 64 bytes (p has 16 floats to spare). */
+static float* llmkv__align64f(float* p) { return p + ((64u - (uint32_t)((uintptr_t)p % 64u)) % 64u) / 4u; }
+
+/* Row pointers (K, V, and their scale rows when the job has scales) of
+   keys [k, min(k + tile_keys, kmax)) at KV head kvh; returns their count. */
+static uint32_t llmkv__tile_ptrs(const llmkv__job* jb, const int32_t* pages, uint32_t kvh, uint32_t k, uint32_t kmax,
+                                 const unsigned char** kp, const unsigned char** vp, const unsigned char** ksp,
+                                 const unsigned char** vsp) {
+    const llmkv_layout* ly = &jb->kv->layout;
+    uint32_t J = k < kmax ? (kmax - k < jb->tile_keys ? kmax - k : jb->tile_keys) : 0, page = k / ly->page_size,
+             slot = k % ly->page_size, j;
+    for (j = 0; j < J; ++j) {
+        size_t at = (size_t)pages[page] * ly->page_bytes;
+        kp[j] = jb->k_base + at + (size_t)kvh * ly->k.head_stride + slot * ly->k.slot_stride;
+        vp[j] = jb->v_base + at + (size_t)kvh * ly->v.head_stride + slot * ly->v.slot_stride;
+        if (jb->scaled) {
+            ksp[j] = jb->ks_base + at + (size_t)kvh * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
+            vsp[j] = jb->vs_base + at + (size_t)kvh * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
+        }
+        if (++slot == ly->page_size) {
+            slot = 0;
+            page++;
+        }
+    }
+    return J;
+}
+
+/* Computes one prefill unit with the tile kernels (rows in lanes, see the
+   AVX-512 tiles): the same results and outputs as llmkv__attend_unit, for
+   units of one KV head whose rows (at most LLMKV__TILE_ROWS) fill vectors
+   of sixteen. Per-thread state, on the stack: the query rows and the
+   accumulators transposed, one chunk's scores and one chunk of values
+   converted to F32 (about 102 KiB). */
+LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit* u, float* partial) {
+    float qbuf[LLMKV__TILE_ELEMS + 16], abuf[LLMKV__TILE_ELEMS + 16], sbuf[LLMKV__TILE_SCORES + 16];
+    float vbuf[LLMKV__TILE_SCRATCH + 16], kbuf[8 * LLMKV__MAX_TILE_DIM + 16];
+    float mbuf[3 * LLMKV__TILE_ROWS + 16];
+    uint32_t lo[LLMKV__TILE_ROWS], hi[LLMKV__TILE_ROWS];
+    size_t row[LLMKV__TILE_ROWS]; /* float offsets of the query rows, then of the output rows */
+    const float* qi[LLMKV__TILE_ROWS] = {0}; /* the query rows */
+    float* io[LLMKV__TILE_ROWS];  /* the output rows */
+    const unsigned char *kp[2 * LLMKV__TILE_MAX_KEYS], *vp[2 * LLMKV__TILE_MAX_KEYS]; /* this chunk's rows, */
+    const unsigned char *ksp[2 * LLMKV__TILE_MAX_KEYS], *vsp[2 * LLMKV__TILE_MAX_KEYS]; /* then the next one's */
+    const llmkv_layout* ly = &jb->kv->layout;
+    const llmkv_batch* b = jb->b;
+    const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
+    uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, RB = (M + 15) / 16, Mp = 16 * RB;
+    uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
+    uint32_t kvh = u->kvh0, r, j, k, J, Jn, cur = 0, kmin = 0xffffffffu, kmax = 0;
+    uint32_t krow_bytes = (uint32_t)llmkv__tile_row_bytes(ly->k.dtype, D), vrow_bytes = (uint32_t)llmkv__tile_row_bytes(ly->v.dtype, D);
+    float *QT = llmkv__align64f(qbuf), *accT = llmkv__align64f(abuf), *ST = llmkv__align64f(sbuf);
+    float *VS = llmkv__align64f(vbuf), *KS = llmkv__align64f(kbuf), *mx = llmkv__align64f(mbuf);
+    float *l = mx + LLMKV__TILE_ROWS, *alpha = l + LLMKV__TILE_ROWS;
+    llmkv_dtype kt = ly->k.dtype, vt = ly->v.dtype;
+
+    for (r = 0; r < Mp; ++r) { /* rows past M repeat the last one (results unused) */
+        uint32_t rr = r < M ? r : M - 1, t = u->t0 + rr / HS, h = jb->G * kvh + u->h0 + rr % HS;
+        row[r] = (size_t)(row0 + t) * jb->q_stride + (size_t)h * D;
+        llmkv__row_keys(jb, L, q_len, t, &lo[r], &hi[r]);
+        if (lo[r] < u->k0) lo[r] = u->k0;
+        if (hi[r] > u->k1) hi[r] = u->k1;
+        if (r < M && lo[r] < hi[r]) {
+            if (lo[r] < kmin) kmin = lo[r];
+            if (hi[r] > kmax) kmax = hi[r];
+        }
+        mx[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    for (r = 0; r < Mp; ++r) qi[r] = jb->d->q + row[r];
+    jb->kern.tile_in(QT, RB, D, qi, jb->scale);
+    memset(accT, 0, (size_t)D * Mp * sizeof(float));
+
+    J = llmkv__tile_ptrs(jb, pages, kvh, kmin, kmax, kp, vp, ksp, vsp);
+    for (k = kmin; k < kmax; k += J, J = Jn) {
+        int whole = 1, rescale;
+        uint32_t at = cur ^ LLMKV__TILE_MAX_KEYS; /* the next chunk's rows, prefetched now */
+        Jn = llmkv__tile_ptrs(jb, pages, kvh, k + J, kmax, kp + at, vp + at, ksp + at, vsp + at);
+        for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
+        /* QK prefetches the next chunk's values, PV its keys (read first) */
+        jb->kern.tile_qk(QT, RB, D, kt, kp + cur, 0, jb->scaled ? ksp + cur : NULL, 0, J, ST, KS, vp + at, Jn,
+                         vrow_bytes);
+        if (jb->cap > 0.0f)
+            for (j = 0; j < J * Mp; ++j) ST[j] = jb->cap * tanhf(ST[j] / jb->cap);
+        rescale = jb->kern.tile_soft(ST, RB, J, k, lo, hi, whole, mx, l, alpha);
+        jb->kern.tile_pv(ST, RB, D, vt, vp + cur, 0, jb->scaled ? vsp + cur : NULL, 0, J, accT, alpha, rescale, VS,
+                         kp + at, Jn, krow_bytes);
+        cur = at;
+    }
+
+    for (r = 0; r < M; ++r) { /* where each row goes, and by what it is divided */
+        uint32_t t = u->t0 + r / HS, h = jb->G * kvh + u->h0 + r % HS;
+        if (partial) {
+            row[r] = (size_t)r * (D + 2);
+            partial[row[r] + D] = mx[r];
+            partial[row[r] + D + 1] = l[r];
+            alpha[r] = 1.0f;
+        } else {
+            row[r] = (size_t)(row0 + t) * jb->out_stride + (size_t)h * D;
+            alpha[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+            if (jb->d->lse)
+                jb->d->lse[(size_t)(row0 + t) * (jb->G * ly->n_kv_heads) + h] = l[r] > 0.0f ? mx[r] + logf(l[r]) : -INFINITY;
+        }
+    }
+    for (r = 0; r < M; ++r) io[r] = (partial ? partial : jb->d->out) + row[r];
+    jb->kern.tile_out(io, M, accT, RB, D, alpha);
+}
+
 /* Merges the n parts of a split unit (first part `u`) by log-sum-exp. */
 static void llmkv__merge_unit(const llmkv__job* jb, const llmkv__unit* u, const float* ws) {
     const llmkv_batch* b = jb->b;
@@ -6713,6 +7135,15 @@ static llmkv_result llmkv__attn_prepare(const llmkv_cache* kv, const llmkv_batch
     jb->scaled = ly->k.scale_bytes || ly->v.scale_bytes;
     jb->channel = llmkv__dtype_channel(ly->k.dtype);
     jb->qk_stage = jb->kern.qk[LLMKV_DTYPE_F16 - LLMKV_DTYPE_F32];
+    jb->tile = jb->kern.tile_qk && !jb->channel && !jb->q_int8 && jb->D % 8 == 0 && jb->D <= LLMKV__MAX_TILE_DIM;
+    if (jb->tile) {
+        uint32_t rb = LLMKV__TILE_ELEMS / jb->D / 16;
+        jb->tile_rows = 16 * (rb > LLMKV__TILE_ROWS / 16 ? LLMKV__TILE_ROWS / 16 : rb);
+        jb->tile_keys = LLMKV__TILE_SCRATCH / jb->D;
+        if (jb->tile_keys > LLMKV__TILE_MAX_KEYS) jb->tile_keys = LLMKV__TILE_MAX_KEYS;
+        if (jb->tile_keys > LLMKV__TILE_SCORES / jb->tile_rows) jb->tile_keys = LLMKV__TILE_SCORES / jb->tile_rows;
+        jb->tile_keys -= jb->tile_keys % 8;
+    }
     jb->nth = nth;
     /* Split long keys ranges only when the units would not keep every
        thread busy: aim for two units per thread. */
@@ -6745,8 +7176,12 @@ static void llmkv__attn_part(const llmkv__job* jb, uint32_t ith, float* ws) {
         uint64_t c = llmkv__unit_cost(jb, &w.u);
         /* Contiguous runs of units by cumulative cost: thread t takes the
            units that start in its t-th share. */
-        if (before * jb->nth / total == ith)
-            llmkv__attend_unit(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
+        if (before * jb->nth / total == ith) {
+            if (w.u.tiled)
+                llmkv__attend_tile(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
+            else
+                llmkv__attend_unit(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
+        }
         before += c;
     }
 }

@@ -1108,6 +1108,100 @@ static void test_attn_shapes(tst* t) {
     pools_destroy(&ps);
 }
 
+/* Prefill tiles (the AVX-512 paths compute sequences with at least 16 rows
+   per KV head with rows in vector lanes): every tile shape the planner can
+   make, against the reference, through every path and thread mode, twice
+   (bit-identical). Rows of 16 per vector from 1 to 4 vectors (head_dim 256
+   down to 8), head_dim tails of 8, rows that do not fill a vector, GQA
+   groups larger than a tile, windows and caps cutting inside a chunk,
+   quantized types, and one long sequence split across threads (partial
+   results merged). Sequences just under the threshold (15 rows) take the
+   other kernels in the same batch. */
+static void test_attn_tiles(tst* t) {
+    typedef struct tcfg {
+        uint32_t D, G, n_kv, ps;
+        llmkv_dtype kt, vt;
+        uint32_t n_seqs, lens[4], qlens[4], window;
+        float softcap;
+        int non_causal;
+    } tcfg;
+    static const tcfg cfgs[] = {
+        {128, 4, 2, 16, LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 4, {300, 64, 5, 200}, {100, 64, 5, 1}, 0, 0.0f, 0},
+        {80, 1, 3, 7, LLMKV_DTYPE_BF16, LLMKV_DTYPE_F32, 2, {150, 40}, {150, 17}, 0, 0.0f, 0},
+        {256, 32, 1, 16, LLMKV_DTYPE_F32, LLMKV_DTYPE_F16, 2, {70, 33}, {3, 33}, 0, 0.0f, 0},
+        {24, 3, 2, 1, LLMKV_DTYPE_Q8, LLMKV_DTYPE_Q4, 2, {90, 31}, {90, 6}, 10, 0.0f, 0},
+        {136, 2, 1, 256, LLMKV_DTYPE_FP8, LLMKV_DTYPE_BF16, 2, {600, 90}, {200, 45}, 77, 30.0f, 0},
+        {64, 8, 1, 16, LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 2, {100, 20}, {40, 20}, 0, 0.0f, 1},
+        {8, 2, 4, 16, LLMKV_DTYPE_F32, LLMKV_DTYPE_F32, 1, {260}, {260}, 0, 0.0f, 0},
+        {96, 5, 1, 16, LLMKV_DTYPE_F16, LLMKV_DTYPE_BF16, 3, {16, 40, 9}, {4, 3, 9}, 0, 0.0f, 0},
+        {128, 1, 1, 16, LLMKV_DTYPE_F16, LLMKV_DTYPE_F16, 1, {3000}, {16}, 0, 0.0f, 0},
+        {128, 4, 1, 16, LLMKV_DTYPE_BF16, LLMKV_DTYPE_BF16, 1, {2500}, {300}, 1000, 0.0f, 0},
+    };
+    llmkv_cpu_path paths[N_PATHS];
+    int n_paths = supported_paths(paths), p, mi;
+    unsigned ci;
+    tst_rng r;
+    apools ps;
+    r.s = attn_seed(0x711E5ull);
+    pools_create(t, &ps);
+    for (ci = 0; ci < sizeof cfgs / sizeof cfgs[0]; ++ci) {
+        const tcfg* f = &cfgs[ci];
+        acase c = base_case(f->D, f->ps, f->n_kv, f->G, f->kt, f->vt);
+        aenv e;
+        uint32_t i;
+        c.n_seqs = f->n_seqs;
+        for (i = 0; i < f->n_seqs; ++i) {
+            c.lens[i] = f->lens[i];
+            c.qlens[i] = f->qlens[i];
+        }
+        c.window = f->window;
+        c.softcap = f->softcap;
+        c.non_causal = f->non_causal;
+        if (f->softcap > 0.0f) c.logit_sigma = 6.0;
+        c.n_layers = 2;
+        c.layer = ci % 2;
+        c.q_stride_kind = (int)(ci % 3);
+        c.q_pad = c.q_stride_kind == 2 ? 3 : 0;
+        c.out_stride_kind = (int)((ci + 1) % 3);
+        c.out_pad = c.out_stride_kind == 2 ? 5 : 0;
+        if (!env_setup(t, &e, &c, &r)) {
+            print_case(&c);
+            env_free(&e);
+            continue;
+        }
+        for (p = 0; p < n_paths; ++p)
+            for (mi = 0; mi < ps.n_modes; ++mi) {
+                const amode* m = &ps.modes[mi];
+                llmkv_attn_desc d = env_desc(&e, paths[p]);
+                float* first = (float*)malloc((e.out_floats + e.lse_floats + 1) * sizeof(float));
+                size_t ws = 0;
+                int run;
+                for (run = 0; run < 2; ++run) {
+                    llmkv_result res;
+                    fill_outputs_canary(&e);
+                    res = run_mode(t, &e, &d, m, &r, &ws);
+                    TST_EQ(t, res, LLMKV_OK);
+                    if (res != LLMKV_OK) break;
+                    if (run == 0) {
+                        if (!check_result(t, &e, paths[p], m->name, NULL)) print_case(&c);
+                        memcpy(first, e.out, e.out_floats * sizeof(float));
+                        memcpy(first + e.out_floats, e.lse, e.lse_floats * sizeof(float));
+                    } else {
+                        int same = !memcmp(first, e.out, e.out_floats * sizeof(float)) &&
+                                   !memcmp(first + e.out_floats, e.lse, e.lse_floats * sizeof(float));
+                        if (!same) fprintf(stderr, "  [%s, %s] two runs differ\n", llmkv_cpu_path_name(paths[p]), m->name);
+                        TST_CHECK(t, same);
+                    }
+                }
+                /* one 16-row sequence on several threads must be split */
+                if (ci == 8 && (m->kind == M_EXT || m->kind == M_EXT_THREADS) && m->nth > 1) TST_CHECK(t, ws > 0);
+                free(first);
+            }
+        env_free(&e);
+    }
+    pools_destroy(&ps);
+}
+
 /* Masks with exact expectations: window 1 returns the row's own V and its
    logit as lse; a window as long as the sequence equals causal; non-causal
    ignores the window. All against the reference, and window 1 also against
@@ -1632,6 +1726,7 @@ void suite_attn(tst* t) {
     TST_RUN(t, test_attn_masks);
     TST_RUN(t, test_attn_no_rows);
     TST_RUN(t, test_attn_shapes);
+    TST_RUN(t, test_attn_tiles);
     TST_RUN(t, test_attn_window_skips_pages);
     TST_RUN(t, test_attn_threads);
     TST_RUN(t, test_attn_concurrent);
