@@ -30,6 +30,12 @@
                same number of threads
      GFLOP/s   4 * n_q_heads * head_dim * (query, key) pairs visible under
                the causal mask, / time
+     %peak     GFLOP/s as a percent of the F32 multiply-add peak measured at
+               the start of the run with the same number of threads: sixteen
+               independent chains of FMAs as wide as the path's vectors
+               (512-bit for the AVX-512 paths, 256 for AVX2, 128 for NEON;
+               otherwise a plain C loop, as the compiler builds it), median
+               of 5 runs of about 0.1 s
    Cold caches: a case with less than 256 MiB of K/V would otherwise find it
    in the CPU caches on every repetition, which a layer of a real model never
    does; before each of its calls (warm-up included) the benchmark reads a
@@ -78,6 +84,14 @@
 #include <emmintrin.h>
 #define BENCH_SSE2 1
 #endif
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define BENCH_X86_FMA 1
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define BENCH_NEON 1
+#endif
 
 #define LLMKV_IMPLEMENTATION
 #include "../llmkv.h"
@@ -103,6 +117,8 @@
 #define FILL_CHUNK 512u                      /* tokens per llmkv_put while filling */
 #define FILL_SPARE 67u                       /* extra random rows, to vary the chunks */
 #define MAX_REL_ERR 1e-2
+#define PEAK_ITERS 30000000u                 /* iterations of 16 FMAs per thread and run */
+#define PEAK_RUNS 5
 
 /* ------------------------------------------------------------------------ */
 /* Helpers                                                                  */
@@ -235,6 +251,142 @@ static double read_bandwidth(const unsigned char* buf, size_t bytes, uint32_t n_
 }
 
 /* ------------------------------------------------------------------------ */
+/* Compute peak: F32 multiply-adds per second, the reference of %peak       */
+/* ------------------------------------------------------------------------ */
+
+/* Each loop runs `iters` rounds of 16 independent multiply-add chains (more
+   than FMA latency x units, so throughput bound) and returns a sum that
+   keeps them alive. */
+#ifdef BENCH_X86_FMA
+__attribute__((target("avx512f"))) static float fma_loop_512(uint32_t iters) {
+    __m512 a0 = _mm512_set1_ps(0.10f), a1 = _mm512_set1_ps(0.11f), a2 = _mm512_set1_ps(0.12f);
+    __m512 a3 = _mm512_set1_ps(0.13f), a4 = _mm512_set1_ps(0.14f), a5 = _mm512_set1_ps(0.15f);
+    __m512 a6 = _mm512_set1_ps(0.16f), a7 = _mm512_set1_ps(0.17f), a8 = _mm512_set1_ps(0.18f);
+    __m512 a9 = _mm512_set1_ps(0.19f), a10 = _mm512_set1_ps(0.20f), a11 = _mm512_set1_ps(0.21f);
+    __m512 a12 = _mm512_set1_ps(0.22f), a13 = _mm512_set1_ps(0.23f), a14 = _mm512_set1_ps(0.24f);
+    __m512 a15 = _mm512_set1_ps(0.25f); /* all different: identical chains would be merged */
+    const __m512 m = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(0.001f);
+    uint32_t i;
+    for (i = 0; i < iters; ++i) {
+        a0 = _mm512_fmadd_ps(a0, m, c); a1 = _mm512_fmadd_ps(a1, m, c); a2 = _mm512_fmadd_ps(a2, m, c);
+        a3 = _mm512_fmadd_ps(a3, m, c); a4 = _mm512_fmadd_ps(a4, m, c); a5 = _mm512_fmadd_ps(a5, m, c);
+        a6 = _mm512_fmadd_ps(a6, m, c); a7 = _mm512_fmadd_ps(a7, m, c); a8 = _mm512_fmadd_ps(a8, m, c);
+        a9 = _mm512_fmadd_ps(a9, m, c); a10 = _mm512_fmadd_ps(a10, m, c); a11 = _mm512_fmadd_ps(a11, m, c);
+        a12 = _mm512_fmadd_ps(a12, m, c); a13 = _mm512_fmadd_ps(a13, m, c); a14 = _mm512_fmadd_ps(a14, m, c);
+        a15 = _mm512_fmadd_ps(a15, m, c);
+    }
+    a0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                       _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+    a8 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)),
+                       _mm512_add_ps(_mm512_add_ps(a12, a13), _mm512_add_ps(a14, a15)));
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a8));
+}
+__attribute__((target("avx2,fma"))) static float fma_loop_256(uint32_t iters) {
+    __m256 a0 = _mm256_set1_ps(0.10f), a1 = _mm256_set1_ps(0.11f), a2 = _mm256_set1_ps(0.12f);
+    __m256 a3 = _mm256_set1_ps(0.13f), a4 = _mm256_set1_ps(0.14f), a5 = _mm256_set1_ps(0.15f);
+    __m256 a6 = _mm256_set1_ps(0.16f), a7 = _mm256_set1_ps(0.17f), a8 = _mm256_set1_ps(0.18f);
+    __m256 a9 = _mm256_set1_ps(0.19f), a10 = _mm256_set1_ps(0.20f), a11 = _mm256_set1_ps(0.21f);
+    __m256 a12 = _mm256_set1_ps(0.22f), a13 = _mm256_set1_ps(0.23f), a14 = _mm256_set1_ps(0.24f);
+    __m256 a15 = _mm256_set1_ps(0.25f);
+    const __m256 m = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(0.001f);
+    float lanes[8], sum = 0.0f;
+    uint32_t i;
+    for (i = 0; i < iters; ++i) {
+        a0 = _mm256_fmadd_ps(a0, m, c); a1 = _mm256_fmadd_ps(a1, m, c); a2 = _mm256_fmadd_ps(a2, m, c);
+        a3 = _mm256_fmadd_ps(a3, m, c); a4 = _mm256_fmadd_ps(a4, m, c); a5 = _mm256_fmadd_ps(a5, m, c);
+        a6 = _mm256_fmadd_ps(a6, m, c); a7 = _mm256_fmadd_ps(a7, m, c); a8 = _mm256_fmadd_ps(a8, m, c);
+        a9 = _mm256_fmadd_ps(a9, m, c); a10 = _mm256_fmadd_ps(a10, m, c); a11 = _mm256_fmadd_ps(a11, m, c);
+        a12 = _mm256_fmadd_ps(a12, m, c); a13 = _mm256_fmadd_ps(a13, m, c); a14 = _mm256_fmadd_ps(a14, m, c);
+        a15 = _mm256_fmadd_ps(a15, m, c);
+    }
+    a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                       _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    a8 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)),
+                       _mm256_add_ps(_mm256_add_ps(a12, a13), _mm256_add_ps(a14, a15)));
+    _mm256_storeu_ps(lanes, _mm256_add_ps(a0, a8));
+    for (i = 0; i < 8; ++i) sum += lanes[i];
+    return sum;
+}
+#endif
+#ifdef BENCH_NEON
+static float fma_loop_neon(uint32_t iters) {
+    float32x4_t a[16];
+    const float32x4_t m = vdupq_n_f32(0.999f), c = vdupq_n_f32(0.001f);
+    float sum = 0.0f;
+    uint32_t i, k;
+    for (k = 0; k < 16; ++k) a[k] = vdupq_n_f32(0.1f + 0.01f * (float)k);
+    for (i = 0; i < iters; ++i)
+        for (k = 0; k < 16; ++k) a[k] = vfmaq_f32(c, a[k], m);
+    for (k = 0; k < 16; ++k) sum += vaddvq_f32(a[k]);
+    return sum;
+}
+#endif
+static float fma_loop_scalar(uint32_t iters) {
+    float a[16], sum = 0.0f;
+    uint32_t i, k;
+    for (k = 0; k < 16; ++k) a[k] = 0.1f + 0.01f * (float)k;
+    for (i = 0; i < iters; ++i)
+        for (k = 0; k < 16; ++k) a[k] = a[k] * 0.999f + 0.001f;
+    for (k = 0; k < 16; ++k) sum += a[k];
+    return sum;
+}
+
+typedef struct peak_part {
+    int width; /* lanes per FMA: 16, 8, 4 or 1 */
+    float sum;
+} peak_part;
+
+static void* peak_thread(void* arg) {
+    peak_part* part = (peak_part*)arg;
+    switch (part->width) {
+#ifdef BENCH_X86_FMA
+    case 16: part->sum = fma_loop_512(PEAK_ITERS); break;
+    case 8: part->sum = fma_loop_256(PEAK_ITERS); break;
+#endif
+#ifdef BENCH_NEON
+    case 4: part->sum = fma_loop_neon(PEAK_ITERS); break;
+#endif
+    default: part->sum = fma_loop_scalar(PEAK_ITERS); break;
+    }
+    return NULL;
+}
+
+/* The FMA width of a path: what its kernels use. */
+static int path_width(const char* path_name) {
+#ifdef BENCH_X86_FMA
+    if (strncmp(path_name, "avx512", 6) == 0) return 16;
+    if (strcmp(path_name, "avx2") == 0) return 8;
+#endif
+#ifdef BENCH_NEON
+    if (strcmp(path_name, "neon") == 0) return 4;
+#endif
+    (void)path_name;
+    return 1;
+}
+
+/* Median GFLOP/s (2 flops per lane and multiply-add) of PEAK_RUNS runs on
+   n_threads threads, wall clock from the first start to the last join. */
+static double fma_peak(int width, uint32_t n_threads) {
+    pthread_t tid[MAX_THREADS];
+    peak_part parts[MAX_THREADS];
+    double gflops[PEAK_RUNS];
+    uint32_t t;
+    int r;
+    for (r = 0; r < PEAK_RUNS; ++r) {
+        uint64_t t0 = now_ns();
+        for (t = 0; t < n_threads; ++t) parts[t].width = width;
+        for (t = 1; t < n_threads; ++t)
+            if (pthread_create(&tid[t], NULL, peak_thread, &parts[t]) != 0) die("pthread_create failed");
+        peak_thread(&parts[0]);
+        for (t = 1; t < n_threads; ++t)
+            if (pthread_join(tid[t], NULL) != 0) die("pthread_join failed");
+        gflops[r] = 2.0 * 16.0 * width * PEAK_ITERS * n_threads / ((double)(now_ns() - t0) * 1e-9) / 1e9;
+        for (t = 0; t < n_threads; ++t) g_sink += (uint64_t)(parts[t].sum > 0.0f);
+    }
+    return median_of(gflops, PEAK_RUNS);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Options and run state                                                    */
 /* ------------------------------------------------------------------------ */
 
@@ -254,6 +406,7 @@ typedef struct bench {
     llmkv_threadpool* pools[2]; /* NULL for 1 thread */
     uint32_t bw_threads[3];     /* thread counts whose bandwidth was measured */
     double bw_gbps[3];
+    double peak_gflops[3];      /* F32 FMA peak at those thread counts */
     int n_bw;
 
     unsigned char* evict_buf;
@@ -269,6 +422,13 @@ typedef struct bench {
     uint64_t fill_bytes;
     double fill_seconds;
 } bench;
+
+static double peak_for(const bench* b, uint32_t threads) {
+    int i;
+    for (i = 0; i < b->n_bw; ++i)
+        if (b->bw_threads[i] == threads) return b->peak_gflops[i];
+    return 0;
+}
 
 static double bandwidth_for(const bench* b, uint32_t threads) {
     int i;
@@ -410,9 +570,9 @@ static double case_pairs(const acase* c) { /* (query, key) pairs under the causa
 }
 
 static void print_table_header(void) {
-    printf("%-7s %-5s %-5s %5s %6s %5s %3s %11s %11s %4s %11s %8s %6s %8s\n", "kind", "dtype",
+    printf("%-7s %-5s %-5s %5s %6s %5s %3s %11s %11s %4s %11s %8s %6s %8s %6s\n", "kind", "dtype",
            "heads", "batch", "ctx", "q_tok", "thr", "median ms", "min ms", "reps", "tokens/s",
-           "KV GB/s", "%bw", "GFLOP/s");
+           "KV GB/s", "%bw", "GFLOP/s", "%peak");
 }
 
 static void print_shape(const acase* c) {
@@ -450,16 +610,19 @@ static void emit_result(bench* b, const acase* c, double median, double min, int
     double pct = bw > 0 ? 100.0 * kv_gbps / bw : 0;
     double gflops = 4.0 * N_Q_HEADS * HEAD_DIM * case_pairs(c) / median / 1e9;
     double tok_s = (double)c->q_tokens / median;
+    double peak = peak_for(b, c->threads);
+    double pct_peak = peak > 0 ? 100.0 * gflops / peak : 0;
     b->n_run++;
     if (b->json) {
         json_shape(b, c);
         printf(",\"seconds\":%.9f,\"seconds_min\":%.9f,\"reps\":%d,\"tokens_per_s\":%.1f,"
-               "\"kv_gbps\":%.3f,\"bw_gbps\":%.3f,\"pct_bw\":%.2f,\"gflops\":%.3f,\"cold\":%s}\n",
-               median, min, reps, tok_s, kv_gbps, bw, pct, gflops, cold ? "true" : "false");
+               "\"kv_gbps\":%.3f,\"bw_gbps\":%.3f,\"pct_bw\":%.2f,\"gflops\":%.3f,\"peak_gflops\":%.3f,"
+               "\"pct_peak\":%.2f,\"cold\":%s}\n",
+               median, min, reps, tok_s, kv_gbps, bw, pct, gflops, peak, pct_peak, cold ? "true" : "false");
     } else {
         print_shape(c);
-        printf(" %11.3f %11.3f %4d %11.1f %8.2f %5.1f%% %8.2f\n", median * 1e3, min * 1e3, reps,
-               tok_s, kv_gbps, pct, gflops);
+        printf(" %11.3f %11.3f %4d %11.1f %8.2f %5.1f%% %8.2f %5.1f%%\n", median * 1e3, min * 1e3, reps,
+               tok_s, kv_gbps, pct, gflops, pct_peak);
     }
     fflush(stdout);
 }
@@ -725,6 +888,8 @@ static void measure_bandwidth(bench* b, int at_end) {
     }
     in_cache = read_bandwidth(buf, IN_CACHE_BYTES, 1, runs);
     if (!reuse) free(buf);
+    if (!at_end)
+        for (i = 0; i < b->n_bw; ++i) b->peak_gflops[i] = fma_peak(path_width(b->path_name), b->bw_threads[i]);
     for (i = 0; i < b->n_bw; ++i) {
         if (b->json)
             printf("{\"bench\":\"attn_cpu\",\"kind\":\"bandwidth\",\"when\":\"%s\",\"threads\":%u,"
@@ -744,7 +909,19 @@ static void measure_bandwidth(bench* b, int at_end) {
         if (changed)
             printf("  more than 15%% away from the start: the machine was busy, so %%bw (and every "
                    "time) is uncertain\n");
+        if (!at_end) {
+            printf("F32 FMA peak (%d-lane multiply-adds, 16 chains, median of %d):", path_width(b->path_name),
+                   PEAK_RUNS);
+            for (i = 0; i < b->n_bw; ++i)
+                printf("%s %u thread%s %.1f GFLOP/s", i ? "," : "", b->bw_threads[i],
+                       b->bw_threads[i] == 1 ? "" : "s", b->peak_gflops[i]);
+            printf("\n");
+        }
     }
+    if (b->json && !at_end)
+        for (i = 0; i < b->n_bw; ++i)
+            printf("{\"bench\":\"attn_cpu\",\"kind\":\"peak\",\"threads\":%u,\"lanes\":%d,\"gflops\":%.3f}\n",
+                   b->bw_threads[i], path_width(b->path_name), b->peak_gflops[i]);
     fflush(stdout);
 }
 
