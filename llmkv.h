@@ -5382,10 +5382,10 @@ LLMKV__I512VN __m512 llmkv__qkb_vnni_q4(const unsigned char* q, uint32_t RB, uin
     }
 LLMKV__VNNI_KERNEL(q4, LLMKV_DTYPE_Q4)
 
-static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
-    __mmask16 tiny = _mm512_mask_cmp_ps_mask((__mmask16)0xffffu, x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+/* exp(x) for x already clamped to a range where 2^n cannot overflow: x =
+   n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial in r, scaled by 2^n. */
+LLMKV__I512 __m512 llmkv__exp512_core(__m512 x) {
     __m512 n, r, p;
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x)); /* NaN stays NaN */
     n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
@@ -5396,7 +5396,13 @@ static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+    return _mm512_scalef_ps(p, n);
+}
+
+static LLMKV__T512 __m512 llmkv__exp512(__m512 x) {
+    __mmask16 tiny = _mm512_mask_cmp_ps_mask((__mmask16)0xffffu, x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x)); /* NaN stays NaN */
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, llmkv__exp512_core(x));
 }
 
 static LLMKV__T512 float llmkv__max_avx512(const float* x, uint32_t n) {
@@ -5620,19 +5626,7 @@ static LLMKV__T512 void llmkv__tile_out_avx512(float* const* dst, uint32_t M, co
    llmkv__exp512 computes it: below -110 the result underflows to exactly 0
    (exp(-inf) is 0), so no mask is needed; NaN stays NaN. */
 LLMKV__I512 __m512 llmkv__exp512_neg(__m512 x) {
-    __m512 n, r, p;
-    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
-    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    return llmkv__exp512_core(_mm512_max_ps(_mm512_set1_ps(-110.0f), x));
 }
 
 /* The online-softmax step of a tile over scores ST[j][r], j < J (keys k + j):

@@ -1108,6 +1108,36 @@ static void test_attn_shapes(tst* t) {
     pools_destroy(&ps);
 }
 
+/* Runs the case twice in one mode: the first result against the
+   reference, the second bit-identical to the first. Returns the workspace
+   size the mode used. */
+static size_t check_twice(tst* t, aenv* e, llmkv_cpu_path path, const amode* m, tst_rng* r) {
+    llmkv_attn_desc d = env_desc(e, path);
+    float* first = (float*)malloc((e->out_floats + e->lse_floats + 1) * sizeof(float));
+    size_t ws = 0;
+    int run;
+    if (!first) return 0;
+    for (run = 0; run < 2; ++run) {
+        llmkv_result res;
+        fill_outputs_canary(e);
+        res = run_mode(t, e, &d, m, r, &ws);
+        TST_EQ(t, res, LLMKV_OK);
+        if (res != LLMKV_OK) break;
+        if (run == 0) {
+            if (!check_result(t, e, path, m->name, NULL)) print_case(&e->c);
+            memcpy(first, e->out, e->out_floats * sizeof(float));
+            memcpy(first + e->out_floats, e->lse, e->lse_floats * sizeof(float));
+        } else {
+            int same = !memcmp(first, e->out, e->out_floats * sizeof(float)) &&
+                       !memcmp(first + e->out_floats, e->lse, e->lse_floats * sizeof(float));
+            if (!same) fprintf(stderr, "  [%s, %s] two runs differ\n", llmkv_cpu_path_name(path), m->name);
+            TST_CHECK(t, same);
+        }
+    }
+    free(first);
+    return ws;
+}
+
 /* Prefill tiles (the AVX-512 paths compute sequences with at least 16 rows
    per KV head with rows in vector lanes): every tile shape the planner can
    make, against the reference, through every path and thread mode, twice
@@ -1172,30 +1202,9 @@ static void test_attn_tiles(tst* t) {
         for (p = 0; p < n_paths; ++p)
             for (mi = 0; mi < ps.n_modes; ++mi) {
                 const amode* m = &ps.modes[mi];
-                llmkv_attn_desc d = env_desc(&e, paths[p]);
-                float* first = (float*)malloc((e.out_floats + e.lse_floats + 1) * sizeof(float));
-                size_t ws = 0;
-                int run;
-                for (run = 0; run < 2; ++run) {
-                    llmkv_result res;
-                    fill_outputs_canary(&e);
-                    res = run_mode(t, &e, &d, m, &r, &ws);
-                    TST_EQ(t, res, LLMKV_OK);
-                    if (res != LLMKV_OK) break;
-                    if (run == 0) {
-                        if (!check_result(t, &e, paths[p], m->name, NULL)) print_case(&c);
-                        memcpy(first, e.out, e.out_floats * sizeof(float));
-                        memcpy(first + e.out_floats, e.lse, e.lse_floats * sizeof(float));
-                    } else {
-                        int same = !memcmp(first, e.out, e.out_floats * sizeof(float)) &&
-                                   !memcmp(first + e.out_floats, e.lse, e.lse_floats * sizeof(float));
-                        if (!same) fprintf(stderr, "  [%s, %s] two runs differ\n", llmkv_cpu_path_name(paths[p]), m->name);
-                        TST_CHECK(t, same);
-                    }
-                }
+                size_t ws = check_twice(t, &e, paths[p], m, &r);
                 /* one 16-row sequence on several threads must be split */
                 if (ci == 8 && (m->kind == M_EXT || m->kind == M_EXT_THREADS) && m->nth > 1) TST_CHECK(t, ws > 0);
-                free(first);
             }
         env_free(&e);
     }
@@ -1301,28 +1310,7 @@ static void test_attn_threads(tst* t) {
         for (p = 0; p < n_paths; ++p)
             for (mi = 0; mi < ps.n_modes; ++mi) {
                 const amode* m = &ps.modes[mi];
-                llmkv_attn_desc d = env_desc(&e, paths[p]);
-                float* first_out = (float*)malloc((e.out_floats + 1) * sizeof(float));
-                float* first_lse = (float*)malloc((e.lse_floats + 1) * sizeof(float));
-                size_t ws = 0;
-                int run;
-                for (run = 0; run < 2; ++run) {
-                    llmkv_result res;
-                    fill_outputs_canary(&e);
-                    res = run_mode(t, &e, &d, m, &r, &ws);
-                    TST_EQ(t, res, LLMKV_OK);
-                    if (res != LLMKV_OK) break;
-                    if (run == 0) {
-                        check_result(t, &e, paths[p], m->name, NULL);
-                        memcpy(first_out, e.out, e.out_floats * sizeof(float));
-                        memcpy(first_lse, e.lse, e.lse_floats * sizeof(float));
-                    } else {
-                        int same = !memcmp(first_out, e.out, e.out_floats * sizeof(float)) &&
-                                   !memcmp(first_lse, e.lse, e.lse_floats * sizeof(float));
-                        if (!same) fprintf(stderr, "  [%s, %s] two runs differ\n", llmkv_cpu_path_name(paths[p]), m->name);
-                        TST_CHECK(t, same);
-                    }
-                }
+                size_t ws = check_twice(t, &e, paths[p], m, &r);
                 /* The design splits a long decode across threads (merging
                    by log-sum-exp); without a split this test would not
                    exercise the merge at all. */
@@ -1335,8 +1323,6 @@ static void test_attn_threads(tst* t) {
                 if (t->verbose && p == 0 && (m->kind == M_EXT || m->kind == M_EXT_THREADS))
                     fprintf(stderr, "    L=%u q=%u heads=%u/%u nth=%u: workspace %lu bytes\n", L, c.qlens[0],
                             c.n_kv * c.G, c.n_kv, m->nth, (unsigned long)ws);
-                free(first_out);
-                free(first_lse);
             }
         env_free(&e);
     }
