@@ -6924,11 +6924,6 @@ LLMKV__NOINLINE void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit*
     }
 }
 
-/* Bytes of a stored head vector of D elements (its scales aside). */
-static size_t llmkv__tile_row_bytes(llmkv_dtype t, uint32_t D) {
-    return t == LLMKV_DTYPE_Q4 ? (D + 1) / 2 : (size_t)D * llmkv_dtype_size(t);
-}
-
 /* p rounded up to a multiple of 64 bytes (p has 16 floats to spare). */
 static float* llmkv__align64f(float* p) { return p + ((64u - (uint32_t)((uintptr_t)p % 64u)) % 64u) / 4u; }
 
@@ -6978,7 +6973,7 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
     uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, RB = (M + 15) / 16, Mp = 16 * RB;
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     uint32_t kvh = u->kvh0, r, j, k, J, Jn, cur = 0, kmin = 0xffffffffu, kmax = 0;
-    uint32_t krow_bytes = (uint32_t)llmkv__tile_row_bytes(ly->k.dtype, D), vrow_bytes = (uint32_t)llmkv__tile_row_bytes(ly->v.dtype, D);
+    uint32_t krow_bytes = llmkv__vec_data_bytes(ly->k.dtype, D), vrow_bytes = llmkv__vec_data_bytes(ly->v.dtype, D);
     float *QT = llmkv__align64f(qbuf), *accT = llmkv__align64f(abuf), *ST = llmkv__align64f(sbuf);
     float *VS = llmkv__align64f(vbuf), *KS = llmkv__align64f(kbuf), *mx = llmkv__align64f(mbuf);
     float *l = mx + LLMKV__TILE_ROWS, *alpha = l + LLMKV__TILE_ROWS;
