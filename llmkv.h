@@ -178,6 +178,10 @@ typedef enum llmkv_result {
     LLMKV_ERR_VERSION = -62,          /* saved by a newer, incompatible format version */
     LLMKV_ERR_MISMATCH = -63,         /* saved data does not fit this cache (shape, or checkpoint chain) */
 
+    LLMKV_ERR_NO_DEVICE = -80,        /* GPU backends: no usable device (or no driver) */
+    LLMKV_ERR_DEVICE_OUT_OF_MEMORY = -81, /* GPU backends: device or pinned host memory exhausted */
+    LLMKV_ERR_DEVICE = -82,           /* GPU backends: any other runtime error (a failed launch) */
+
     LLMKV_ERR_UNSUPPORTED = -100      /* a valid request this build or type cannot serve */
 } llmkv_result;
 
@@ -1236,6 +1240,9 @@ LLMKV_API const char* llmkv_result_string(llmkv_result result) {
     case LLMKV_ERR_BAD_FORMAT: return "LLMKV_ERR_BAD_FORMAT: the saved data is corrupt, truncated or not llmkv's";
     case LLMKV_ERR_VERSION: return "LLMKV_ERR_VERSION: saved by a newer, incompatible format version";
     case LLMKV_ERR_MISMATCH: return "LLMKV_ERR_MISMATCH: the saved data does not fit this cache";
+    case LLMKV_ERR_NO_DEVICE: return "LLMKV_ERR_NO_DEVICE: no usable GPU device";
+    case LLMKV_ERR_DEVICE_OUT_OF_MEMORY: return "LLMKV_ERR_DEVICE_OUT_OF_MEMORY: too little device or pinned memory";
+    case LLMKV_ERR_DEVICE: return "LLMKV_ERR_DEVICE: the GPU runtime reported an error";
     case LLMKV_ERR_UNSUPPORTED: return "LLMKV_ERR_UNSUPPORTED: not supported by this build or type";
     }
     return "LLMKV_ERR_?: unknown result code";

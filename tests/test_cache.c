@@ -86,7 +86,7 @@ static void test_result_strings(tst* t) {
         LLMKV_ERR_BUFFER_TOO_SMALL, LLMKV_ERR_MISALIGNED, LLMKV_ERR_OUT_OF_MEMORY, LLMKV_ERR_OUT_OF_PAGES,
         LLMKV_ERR_TOO_MANY_SEQUENCES, LLMKV_ERR_SEQUENCE_TOO_LONG, LLMKV_ERR_COPY_QUEUE_FULL,
         LLMKV_ERR_BATCH_FULL, LLMKV_ERR_STALE_BATCH, LLMKV_ERR_NO_PAGE_DATA, LLMKV_ERR_CORRUPT,
-        LLMKV_ERR_UNSUPPORTED};
+        LLMKV_ERR_NO_DEVICE, LLMKV_ERR_DEVICE_OUT_OF_MEMORY, LLMKV_ERR_DEVICE, LLMKV_ERR_UNSUPPORTED};
     size_t i, j, n = sizeof codes / sizeof codes[0];
     for (i = 0; i < n; ++i) {
         const char* s = llmkv_result_string(codes[i]);
