@@ -692,6 +692,9 @@ typedef struct llmkv_batch_info {
        page * page_size + slot, in the order of the rows. */
     const int64_t* slot_mapping;    /* [n_tokens] */
     const int32_t* positions;       /* [n_tokens]: position of every query row */
+    uint64_t build;                 /* counts this batch's builds (failed ones too): a
+                                       copy of the tables (a device upload) is current
+                                       while this value is unchanged */
 } llmkv_batch_info;
 
 /* Creates a batch able to describe up to max_seqs sequences and max_tokens
@@ -717,6 +720,10 @@ LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* se
    LLMKV_ERR_STALE_BATCH otherwise. Kernels call this before they read.
    Thread safety: read-only. */
 LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch);
+
+/* The cache a batch was created for (NULL for a NULL batch), so a device
+   layer can refuse another cache's batch. Thread safety: read-only. */
+LLMKV_API const llmkv_cache* llmkv_batch_cache(const llmkv_batch* batch);
 
 /* Fills `info` with views of the batch's arrays. Returns
    LLMKV_ERR_STALE_BATCH (and leaves info zeroed) when llmkv_batch_check
@@ -3700,6 +3707,7 @@ struct llmkv_batch {
     uint32_t max_seqs, max_tokens;
     uint32_t n_seqs, n_tokens, block_table_stride;
     uint32_t mark;
+    uint64_t builds;          /* llmkv_batch_build calls so far */
     llmkv_seq* seqs;          /* [max_seqs] handles of the built step */
     uint64_t* epochs;         /* [max_seqs] their epochs when built */
     uint32_t* seen;           /* [cache max_seqs] duplicate marks by slot */
@@ -3826,6 +3834,7 @@ static llmkv_result llmkv__batch_build_unlocked(llmkv_batch* batch, const llmkv_
 
 LLMKV_API llmkv_result llmkv_batch_build(llmkv_batch* batch, const llmkv_seq* seqs, const uint32_t* q_lens,
                                          uint32_t n_seqs) {
+    if (batch) ++batch->builds;
     LLMKV__RETURN_LOCKED(batch ? batch->cache : NULL, llmkv__batch_build_unlocked(batch, seqs, q_lens, n_seqs));
 }
 
@@ -3838,6 +3847,8 @@ static llmkv_result llmkv__batch_check_unlocked(const llmkv_batch* batch) {
     }
     return LLMKV_OK;
 }
+
+LLMKV_API const llmkv_cache* llmkv_batch_cache(const llmkv_batch* batch) { return batch ? batch->cache : NULL; }
 
 LLMKV_API llmkv_result llmkv_batch_check(const llmkv_batch* batch) {
     LLMKV__RETURN_LOCKED(batch ? batch->cache : NULL, llmkv__batch_check_unlocked(batch));
@@ -3861,6 +3872,7 @@ LLMKV_API llmkv_result llmkv_batch_get(const llmkv_batch* batch, llmkv_batch_inf
     info->block_table_stride = batch->block_table_stride;
     info->slot_mapping = batch->slot_mapping;
     info->positions = batch->positions;
+    info->build = batch->builds;
     return LLMKV_OK;
 }
 

@@ -795,6 +795,8 @@ static void test_batch_formats(tst* t) {
     }
     for (i = 0; i < 3; ++i) OK(t, llmkv_seq_pages(kv, s[i], pages[i], 8, &np[i]));
     OK(t, llmkv_batch_create(kv, 3, 7, &b));
+    TST_CHECK(t, llmkv_batch_cache(b) == kv);
+    TST_CHECK(t, llmkv_batch_cache(NULL) == NULL);
     OK(t, llmkv_batch_build(b, s, q, 3));
     OK(t, llmkv_batch_get(b, &bi));
     TST_EQ(t, bi.n_seqs, 3);
