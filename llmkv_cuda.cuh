@@ -121,7 +121,9 @@ LLMKV_API int llmkv_cuda_device_count(void);
 LLMKV_API llmkv_result llmkv_cuda_create(llmkv_cache* cache, const llmkv_cuda_desc* desc, llmkv_cuda** out);
 
 /* Frees the device and pinned memory of `gpu` (after synchronising the
-   device, so no enqueued work still uses it). NULL is ignored. */
+   device, so no enqueued work still uses it). NULL is ignored. The cache
+   is not touched (destroy it afterwards, or keep it). Thread safety: no
+   other call on `gpu` may be running. */
 LLMKV_API void llmkv_cuda_destroy(llmkv_cuda* gpu);
 
 /* Device address and size of the page pool: page p starts at
@@ -769,6 +771,10 @@ __global__ void __launch_bounds__(LLMKV__DEC_WARPS * 32) llmkv__decode_kernel(ll
     const uint32_t e0 = (uint32_t)(li * EPL);
     uint32_t lo, hi, k0, k1, chunk;
     float q[GB][EPL], acc[GB][EPL], m[GB], l[GB];
+    /* Scores live in base 2 (exp2f is a few instructions cheaper than expf
+       per key and head): q carries scale * log2(e), or scale alone when
+       the soft-cap, defined on natural logits, is applied first. */
+    const float qscale = a.softcap > 0.0f ? a.scale : a.scale * 1.4426950408889634f;
     int g, i;
     llmkv__d_row_keys(a, L, (uint32_t)a.positions[row], &lo, &hi);
     if (hi < lo) hi = lo;
@@ -782,7 +788,7 @@ __global__ void __launch_bounds__(LLMKV__DEC_WARPS * 32) llmkv__decode_kernel(ll
         const float* qp = a.q + row * a.q_stride + (uint64_t)(h0 + g) * D + e0;
 #pragma unroll
         for (i = 0; i < EPL; ++i) {
-            q[g][i] = qp[i] * a.scale;
+            q[g][i] = qp[i] * qscale;
             acc[g][i] = 0.0f;
         }
         m[g] = -INFINITY;
@@ -827,10 +833,10 @@ __global__ void __launch_bounds__(LLMKV__DEC_WARPS * 32) llmkv__decode_kernel(ll
 #pragma unroll
                     for (o = LANES / 2; o > 0; o /= 2) s += LLMKV__SHFL_XOR(s, o);
                     if (!valid[u]) continue;
-                    if (a.softcap > 0.0f) s = a.softcap * tanhf(s / a.softcap);
+                    if (a.softcap > 0.0f) s = a.softcap * tanhf(s / a.softcap) * 1.4426950408889634f;
                     mn = fmaxf(m[g], s);
-                    c = expf(m[g] - mn); /* m = -inf: 0 */
-                    p = expf(s - mn);
+                    c = exp2f(m[g] - mn); /* m = -inf: 0 */
+                    p = exp2f(s - mn);
                     l[g] = l[g] * c + p;
 #pragma unroll
                     for (i = 0; i < EPL; ++i) acc[g][i] = fmaf(p, vx[u][i], acc[g][i] * c);
@@ -846,7 +852,7 @@ __global__ void __launch_bounds__(LLMKV__DEC_WARPS * 32) llmkv__decode_kernel(ll
 #pragma unroll
         for (o = LANES; o < 32; o *= 2) {
             float m2 = LLMKV__SHFL_XOR(m[g], o), l2 = LLMKV__SHFL_XOR(l[g], o), mn = fmaxf(m[g], m2);
-            float c1 = mn == -INFINITY ? 0.0f : expf(m[g] - mn), c2 = mn == -INFINITY ? 0.0f : expf(m2 - mn);
+            float c1 = mn == -INFINITY ? 0.0f : exp2f(m[g] - mn), c2 = mn == -INFINITY ? 0.0f : exp2f(m2 - mn);
             l[g] = l[g] * c1 + l2 * c2;
 #pragma unroll
             for (i = 0; i < EPL; ++i) {
@@ -873,12 +879,12 @@ __global__ void __launch_bounds__(LLMKV__DEC_WARPS * 32) llmkv__decode_kernel(ll
         for (w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][gg]);
         if (M != -INFINITY)
             for (w = 0; w < NW; ++w) {
-                float c = expf(sm_m[w][gg] - M);
+                float c = exp2f(sm_m[w][gg] - M);
                 sum += sm_l[w][gg] * c;
                 o += sm_acc[w][gg][e] * c;
             }
         o = sum > 0.0f ? o / sum : 0.0f;
-        lse = sum > 0.0f ? M + logf(sum) : -INFINITY;
+        lse = sum > 0.0f ? (M + log2f(sum)) * 0.6931471805599453f : -INFINITY; /* natural */
         if (a.n_splits == 1) {
             a.out[row * a.out_stride + (uint64_t)h * D + e] = o;
             if (a.lse && e == 0) a.lse[(uint64_t)row * a.n_q_heads + h] = lse;
