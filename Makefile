@@ -109,9 +109,11 @@ $(BUILD)/bench_attn_hip: bench/bench_attn_cuda.cu bench/bench_util.h $(GPU_HEADE
 
 # The GPU tests on the CPU: tests/gpu_emu.h runs every kernel's threads as
 # fibers (x86-64, a C++ compiler; no CUDA needed). CI runs it on every change.
+# EMU_FLAGS may add sanitizers (CI: ASan + UBSan, device memory included).
 CXX ?= c++
+EMU_FLAGS ?= -O2 -g
 $(BUILD)/test_gpu_emu: tests/test_cuda.cu tests/gpu_emu.h $(GPU_HEADERS) | $(BUILD)
-	$(CXX) -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -include tests/gpu_emu.h -I. -Itests -x c++ -o $@ tests/test_cuda.cu
+	$(CXX) -std=c++17 $(EMU_FLAGS) -Wall -Wextra -Wno-unknown-pragmas -include tests/gpu_emu.h -I. -Itests -x c++ -o $@ tests/test_cuda.cu
 
 test-gpu-emu: $(BUILD)/test_gpu_emu
 	$(BUILD)/test_gpu_emu
