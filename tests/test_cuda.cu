@@ -33,7 +33,9 @@
    (the kernels as C++, one fiber per GPU thread; about 1.5 minutes):
        g++ -std=c++17 -O2 -I. -Itests -include tests/gpu_emu.h -x c++ \
            tests/test_cuda.cu -o test_cuda_emu
-   (add -DLLMKV_EMU_SMS=132 for the split counts of an H100). */
+   (add -DLLMKV_EMU_SMS=132 for the split counts of an H100). test_graph
+   (a decode captured in a CUDA graph and replayed) needs a real device and
+   is compiled only for it. */
 #define LLMKV_IMPLEMENTATION
 #define LLMKV_CUDA_IMPLEMENTATION
 #ifdef LLMKV_TEST_HIP
@@ -1720,6 +1722,81 @@ static void test_swap_unknown_tokens(tst* t) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* CUDA graphs (a real device only: the emulator and HIP builds skip it)     */
+/* ------------------------------------------------------------------------ */
+
+#if !defined(LLMKV_GPU_EMULATE) && !defined(LLMKV_TEST_HIP)
+/* A decode captured once in a CUDA graph, then replayed over later steps:
+   each step reserves a token per sequence, rebuilds and uploads the batch
+   and puts the new K/V (outside the graph); the replay must read the
+   latest upload (the tables and the workspace never move) and match
+   llmkv_attend, with fixed_splits so the captured grid stays valid. */
+static void test_graph(tst* t) {
+    mirror m;
+    llmkv_cuda_desc gd;
+    llmkv_desc d = make_desc(1, 2, 128, 16, 64, LLMKV_DTYPE_F16, LLMKV_DTYPE_F16);
+    memset(&gd, 0, sizeof gd);
+    gd.fixed_splits = 4;
+    if (m_init(&m, t, &d, &gd, 256, 0, "graph: decode captured once, replayed over 4 steps, fixed_splits 4")) {
+        const uint32_t nq = 8, D = 128, rows = 3;
+        const size_t n = (size_t)rows * nq * D;
+        mseq s[3];
+        uint32_t q[3] = {50, 70, 90}, one[3] = {1, 1, 1}, step, i;
+        float *hq = (float*)xmalloc(sizeof(float) * n), *hout = (float*)xmalloc(sizeof(float) * n);
+        float* cout = (float*)xmalloc(sizeof(float) * n);
+        void *dq = dev_alloc(t, &m.lg, sizeof(float) * n), *dout = dev_alloc(t, &m.lg, sizeof(float) * n);
+        cudaGraph_t graph = NULL;
+        cudaGraphExec_t exec = NULL;
+        llmkv_attn_desc ga, ca;
+        int ok = dq && dout;
+        for (i = 0; i < 3 && ok; ++i) ok = m_create(&m, &s[i]);
+        ok = ok && m_reserve_many(&m, s, q, 3) && m_step(&m, s, q, 3);
+        ok = ok && m_reserve_many(&m, s, one, 3) && m_step(&m, s, one, 3);
+        memset(&ga, 0, sizeof ga);
+        ga.n_q_heads = nq;
+        ga.q = (const float*)dq;
+        ga.out = (float*)dout;
+        ca = ga;
+        ca.q = hq;
+        ca.out = cout;
+        ca.path = ref_path(m.lay.k.dtype, D);
+        if (ok) {
+            ok = M_CU(&m, cudaStreamSynchronize(g_stream)) &&
+                 M_CU(&m, cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal));
+            if (ok) {
+                llmkv_result r = llmkv_cuda_decode(m.gpu, &ga, g_stream);
+                ok = M_CU(&m, cudaStreamEndCapture(g_stream, &graph)) && M_EXPECT(&m, r, LLMKV_OK) &&
+                     M_CU(&m, cudaGraphInstantiateWithFlags(&exec, graph, 0));
+            }
+        }
+        for (step = 0; step < 4 && ok; ++step) {
+            double worst = 0.0, amax = 0.0;
+            if (step > 0) ok = m_reserve_many(&m, s, one, 3) && m_step(&m, s, one, 3);
+            for (i = 0; i < n; ++i) hq[i] = tst_float(&m.rng);
+            ok = ok && h2d(t, &m.lg, dq, hq, sizeof(float) * n) && M_CU(&m, cudaGraphLaunch(exec, g_stream)) &&
+                 d2h(t, &m.lg, hout, dout, sizeof(float) * n) &&
+                 M_EXPECT(&m, llmkv_attend(m.host, m.hb, &ca, NULL), LLMKV_OK);
+            for (i = 0; i < n && ok; ++i) {
+                double e = fabs((double)hout[i] - (double)cout[i]);
+                worst = e > worst || e != e ? e : worst;
+                amax = fabs((double)cout[i]) > amax ? fabs((double)cout[i]) : amax;
+            }
+            if (ok && !(worst <= TOL_CPU_OUT * (1.0 + amax)))
+                MFAIL(&m, "replay %u: max |graph - llmkv_attend| %.3g > %.3g", step, worst, TOL_CPU_OUT * (1.0 + amax));
+        }
+        if (exec) (void)cudaGraphExecDestroy(exec);
+        if (graph) (void)cudaGraphDestroy(graph);
+        dev_free(dq);
+        dev_free(dout);
+        free(hq);
+        free(hout);
+        free(cout);
+    }
+    m_free(&m);
+}
+#endif
+
+/* ------------------------------------------------------------------------ */
 /* Errors leave everything unchanged                                        */
 /* ------------------------------------------------------------------------ */
 
@@ -2139,6 +2216,9 @@ int main(int argc, char** argv) {
     RUN(&t, test_errors);
     RUN(&t, test_unsupported_head_dim);
     RUN(&t, test_upload_foreign_batch);
+#if !defined(LLMKV_GPU_EMULATE) && !defined(LLMKV_TEST_HIP)
+    RUN(&t, test_graph);
+#endif
     (void)cudaStreamDestroy(g_stream);
     fprintf(stderr, "largest decode error / bound: %.3g against the exact reference, %.3g against llmkv_attend\n",
             g_worst_ref, g_worst_cpu);
