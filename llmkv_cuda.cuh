@@ -235,6 +235,9 @@ LLMKV_API void llmkv_cuda_host_free(void* host);
 #ifdef LLMKV_CUDA_DECLARATIONS_ONLY
 #error "LLMKV_CUDA_IMPLEMENTATION needs the CUDA (or HIP) compiler, not LLMKV_CUDA_DECLARATIONS_ONLY"
 #endif
+#ifndef LLMKV_IMPLEMENTATION
+#error "define LLMKV_IMPLEMENTATION in the file that defines LLMKV_CUDA_IMPLEMENTATION (the backend shares llmkv.h's internals)"
+#endif
 
 #include <float.h>
 #include <math.h>
@@ -303,8 +306,7 @@ struct llmkv_cuda {
     uint32_t stage_next;
     const llmkv_batch* batch;   /* the uploaded batch (NULL: none) */
     uint64_t batch_build;       /* its build count when uploaded */
-    uint32_t n_seqs, n_tokens, max_len;
-    int32_t* h_seq_lens;        /* host copy of the uploaded lengths [max_seqs] */
+    uint32_t n_tokens, max_len; /* of the uploaded batch: rows, longest sequence */
     /* page copies */
     uint32_t max_copies;
     llmkv_copy_cmd* cmds;       /* host [max_copies] */
@@ -401,11 +403,13 @@ static __device__ __forceinline__ float llmkv__d_e4m3_value(uint32_t c) {
     return c & 0x80u ? -v : v;
 }
 
-/* Element e of a stored vector of any type (data at p, scales at sc). */
+/* Element e of a stored vector of any type (data at p, scales at sc), or
+   of a caller row (F32, F16, BF16; sc unused), exactly as llmkv.h
+   converts it, NaN payloads included. */
 static __device__ float llmkv__d_elem(int t, const unsigned char* p, const unsigned char* sc, uint32_t e) {
     switch (t) {
     case LLMKV_DTYPE_F32: return __uint_as_float(*(const uint32_t*)(p + 4 * e));
-    case LLMKV_DTYPE_F16: return llmkv__d_f16(*(const unsigned short*)(p + 2 * e));
+    case LLMKV_DTYPE_F16: return llmkv__d_from_f16(*(const unsigned short*)(p + 2 * e));
     case LLMKV_DTYPE_BF16: return llmkv__d_bf16(*(const unsigned short*)(p + 2 * e));
     case LLMKV_DTYPE_Q8: {
         uint32_t g = e / 32u;
@@ -418,13 +422,6 @@ static __device__ float llmkv__d_elem(int t, const unsigned char* p, const unsig
     }
     default: return llmkv__d_e4m3_value(p[e]) * __uint_as_float(*(const uint32_t*)sc);
     }
-}
-
-/* Element e of a caller row of type t (F32, F16, BF16). */
-static __device__ __forceinline__ float llmkv__d_src(int t, const unsigned char* p, uint32_t e) {
-    if (t == LLMKV_DTYPE_F16) return llmkv__d_from_f16(*(const unsigned short*)(p + 2 * e));
-    if (t == LLMKV_DTYPE_BF16) return llmkv__d_bf16(*(const unsigned short*)(p + 2 * e));
-    return __uint_as_float(*(const uint32_t*)(p + 4 * e));
 }
 
 static __device__ __forceinline__ float llmkv__warp_max(float x) {
@@ -558,7 +555,7 @@ static __global__ void llmkv__put_kernel(llmkv__put_args a) {
 #pragma unroll
         for (j = 0; j < LLMKV__PUT_MAX_GROUPS; ++j) {
             uint32_t e = j * 32u + (uint32_t)lane;
-            xs[j] = e < n ? llmkv__d_src(a.src_dtype, src, e) : 0.0f;
+            xs[j] = e < n ? llmkv__d_elem(a.src_dtype, src, NULL, e) : 0.0f;
         }
         llmkv__d_store_vec(pt->dtype, n, xs, data, sc, lane);
     }
@@ -575,7 +572,7 @@ typedef struct llmkv__gather_args {
     const int32_t* pages;        /* the sequence's page table (device) */
     unsigned char* dst[2];
     uint64_t dst_stride[2];
-    int dst_dtype;               /* DEFAULT: stored float bytes, quantized as F32 */
+    int dst_dtype[2];            /* per part: F32, F16 or BF16 (DEFAULT resolved) */
 } llmkv__gather_args;
 
 static __global__ void llmkv__gather_kernel(llmkv__gather_args a) {
@@ -589,9 +586,7 @@ static __global__ void llmkv__gather_kernel(llmkv__gather_args a) {
         const unsigned char* layer = a.pool + page * a.g.page_bytes + a.layer * a.g.layer_stride;
         const unsigned char* data = layer + pt->offset + head * pt->head_stride + s * pt->slot_stride;
         const unsigned char* sc = layer + pt->scale_offset + head * pt->scale_head_stride + s * pt->scale_slot_stride;
-        int out_t = a.dst_dtype;
-        if (out_t == LLMKV_DTYPE_DEFAULT)
-            out_t = pt->dtype == LLMKV_DTYPE_F16 || pt->dtype == LLMKV_DTYPE_BF16 ? pt->dtype : LLMKV_DTYPE_F32;
+        int out_t = a.dst_dtype[part];
         {
             uint32_t es = out_t == LLMKV_DTYPE_F32 ? 4u : 2u;
             dst += t * a.dst_stride[part] + (uint64_t)head * n * es;
@@ -602,8 +597,7 @@ static __global__ void llmkv__gather_kernel(llmkv__gather_args a) {
                     continue;
                 }
                 {
-                    float x = pt->dtype == LLMKV_DTYPE_F16 ? llmkv__d_from_f16(((const unsigned short*)data)[e])
-                                                           : llmkv__d_elem(pt->dtype, data, sc, e);
+                    float x = llmkv__d_elem(pt->dtype, data, sc, e);
                     if (out_t == LLMKV_DTYPE_F32) ((uint32_t*)dst)[e] = __float_as_uint(x);
                     else if (out_t == LLMKV_DTYPE_F16) ((unsigned short*)dst)[e] = (unsigned short)llmkv__d_to_f16(x);
                     else ((unsigned short*)dst)[e] = (unsigned short)llmkv__d_to_bf16(x);
@@ -956,7 +950,6 @@ LLMKV_API void llmkv_cuda_destroy(llmkv_cuda* gpu) {
         if (gpu->stage_done[i]) (void)cudaEventDestroy(gpu->stage_done[i]);
     }
     free(gpu->cmds);
-    free(gpu->h_seq_lens);
     (void)cudaGetLastError();
     (void)cudaSetDevice(prev);
     free(gpu);
@@ -1029,9 +1022,8 @@ LLMKV_API llmkv_result llmkv_cuda_create(llmkv_cache* cache, const llmkv_cuda_de
     (void)cudaGetDevice(&prev);
     r = llmkv__gpu_err(cudaSetDevice(d.device));
     if (r == LLMKV_OK) r = llmkv__gpu_err(cudaDeviceGetAttribute(&gpu->n_sm, cudaDevAttrMultiProcessorCount, d.device));
-    gpu->h_seq_lens = (int32_t*)calloc(d.max_seqs, 4);
     gpu->cmds = (llmkv_copy_cmd*)calloc(gpu->max_copies, sizeof(llmkv_copy_cmd));
-    if (r == LLMKV_OK && (!gpu->h_seq_lens || !gpu->cmds)) r = LLMKV_ERR_OUT_OF_MEMORY;
+    if (r == LLMKV_OK && !gpu->cmds) r = LLMKV_ERR_OUT_OF_MEMORY;
     if (r == LLMKV_OK) r = llmkv__gpu_err(cudaMalloc((void**)&gpu->pool, pool_bytes));
     if (r == LLMKV_OK) r = llmkv__gpu_err(cudaMemset(gpu->pool, 0, pool_bytes));
     if (r == LLMKV_OK) r = llmkv__gpu_err(cudaMalloc((void**)&gpu->dtab, gpu->tab.bytes));
@@ -1190,41 +1182,33 @@ LLMKV_API llmkv_result llmkv_cuda_upload(llmkv_cuda* gpu, const llmkv_batch* bat
     gpu->stage_next = (b + 1) % LLMKV__STAGES;
     gpu->batch = batch;
     gpu->batch_build = info.build;
-    gpu->n_seqs = info.n_seqs;
     gpu->n_tokens = info.n_tokens;
     gpu->max_len = max_len;
-    if (info.n_seqs) memcpy(gpu->h_seq_lens, info.seq_lens, 4ull * info.n_seqs);
     return llmkv__dev_leave(&sc, LLMKV_OK);
 }
 
 /* The uploaded tables still describe the cache: the batch was not rebuilt
    since the upload and none of its sequences changed. */
-static llmkv_result llmkv__gpu_batch_ok(const llmkv_cuda* gpu) {
-    llmkv_batch_info info;
+static llmkv_result llmkv__gpu_batch_ok(const llmkv_cuda* gpu, llmkv_batch_info* info) {
     llmkv_result r;
+    memset(info, 0, sizeof *info);
     if (!gpu->batch) return LLMKV_ERR_STALE_BATCH;
-    r = llmkv_batch_get(gpu->batch, &info);
+    r = llmkv_batch_get(gpu->batch, info);
     if (r != LLMKV_OK) return r;
-    return info.build == gpu->batch_build ? LLMKV_OK : LLMKV_ERR_STALE_BATCH;
+    return info->build == gpu->batch_build ? LLMKV_OK : LLMKV_ERR_STALE_BATCH;
 }
 
 /* ---------------------------------------------------------------------- */
 /* Host: put, gather                                                        */
 /* ---------------------------------------------------------------------- */
 
-static llmkv_result llmkv__gpu_rows_ok(const void* p, size_t stride, size_t row_bytes, size_t align) {
-    if (!p) return LLMKV_OK;
-    if ((uintptr_t)p % align || stride % align) return LLMKV_ERR_MISALIGNED;
-    if (stride && stride < row_bytes) return LLMKV_ERR_BUFFER_TOO_SMALL;
-    return LLMKV_OK;
-}
-
 LLMKV_API llmkv_result llmkv_cuda_put(llmkv_cuda* gpu, uint32_t layer, const void* k, size_t k_stride,
                                       const void* v, size_t v_stride, llmkv_dtype src_dtype,
                                       llmkv_gpu_stream stream) {
     llmkv__put_args a;
+    llmkv_batch_info info;
     llmkv_result r;
-    size_t es, row;
+    size_t row;
     llmkv__dev_scope sc;
     if (!gpu) return LLMKV_ERR_INVALID_ARGUMENT;
     if (src_dtype == LLMKV_DTYPE_DEFAULT) src_dtype = LLMKV_DTYPE_F32;
@@ -1232,11 +1216,10 @@ LLMKV_API llmkv_result llmkv_cuda_put(llmkv_cuda* gpu, uint32_t layer, const voi
         return LLMKV_ERR_INVALID_ARGUMENT;
     if (layer >= gpu->layout.n_layers) return LLMKV_ERR_OUT_OF_RANGE;
     if (gpu->layout.head_dim > 32u * LLMKV__PUT_MAX_GROUPS) return LLMKV_ERR_UNSUPPORTED;
-    es = src_dtype == LLMKV_DTYPE_F32 ? 4 : 2;
-    row = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * es;
-    r = llmkv__gpu_rows_ok(k, k_stride, row, es);
-    if (r == LLMKV_OK) r = llmkv__gpu_rows_ok(v, v_stride, row, es);
-    if (r == LLMKV_OK) r = llmkv__gpu_batch_ok(gpu);
+    row = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * llmkv_dtype_size(src_dtype);
+    r = llmkv__rows(k, &k_stride, row, src_dtype); /* as llmkv_put checks them; 0 becomes row */
+    if (r == LLMKV_OK) r = llmkv__rows(v, &v_stride, row, src_dtype);
+    if (r == LLMKV_OK) r = llmkv__gpu_batch_ok(gpu, &info);
     if (r != LLMKV_OK || gpu->n_tokens == 0 || (!k && !v)) return r;
     memset(&a, 0, sizeof a);
     a.pool = gpu->pool;
@@ -1246,8 +1229,8 @@ LLMKV_API llmkv_result llmkv_cuda_put(llmkv_cuda* gpu, uint32_t layer, const voi
     a.slot_mapping = (const int64_t*)(gpu->dtab + gpu->tab.slot_mapping);
     a.src[0] = (const unsigned char*)k;
     a.src[1] = (const unsigned char*)v;
-    a.src_stride[0] = k_stride ? k_stride : row;
-    a.src_stride[1] = v_stride ? v_stride : row;
+    a.src_stride[0] = k_stride;
+    a.src_stride[1] = v_stride;
     a.src_dtype = (int)src_dtype;
     llmkv__dev_enter(gpu, &sc);
     {
@@ -1261,50 +1244,38 @@ LLMKV_API llmkv_result llmkv_cuda_gather(llmkv_cuda* gpu, uint32_t batch_index, 
                                          uint32_t n_tokens, void* k, size_t k_stride, void* v, size_t v_stride,
                                          llmkv_dtype dst_dtype, llmkv_gpu_stream stream) {
     llmkv__gather_args a;
+    llmkv_batch_info info;
     llmkv_result r;
-    size_t row_k, row_v, ek, ev;
+    size_t row_k, row_v;
+    llmkv_dtype dk, dv;
     llmkv__dev_scope sc;
     if (!gpu) return LLMKV_ERR_INVALID_ARGUMENT;
     if (dst_dtype != LLMKV_DTYPE_DEFAULT && dst_dtype != LLMKV_DTYPE_F32 && dst_dtype != LLMKV_DTYPE_F16 &&
         dst_dtype != LLMKV_DTYPE_BF16)
         return LLMKV_ERR_INVALID_ARGUMENT;
-    r = llmkv__gpu_batch_ok(gpu);
+    r = llmkv__gpu_batch_ok(gpu, &info);
     if (r != LLMKV_OK) return r;
-    if (layer >= gpu->layout.n_layers || batch_index >= gpu->n_seqs) return LLMKV_ERR_OUT_OF_RANGE;
-    if ((uint64_t)pos + n_tokens > (uint64_t)gpu->h_seq_lens[batch_index]) return LLMKV_ERR_OUT_OF_RANGE;
-    {
-        int tk = (int)gpu->layout.k.dtype, tv = (int)gpu->layout.v.dtype;
-        int dk = dst_dtype != LLMKV_DTYPE_DEFAULT ? (int)dst_dtype
-                 : tk == LLMKV_DTYPE_F16 || tk == LLMKV_DTYPE_BF16 ? tk : LLMKV_DTYPE_F32;
-        int dv = dst_dtype != LLMKV_DTYPE_DEFAULT ? (int)dst_dtype
-                 : tv == LLMKV_DTYPE_F16 || tv == LLMKV_DTYPE_BF16 ? tv : LLMKV_DTYPE_F32;
-        ek = dk == LLMKV_DTYPE_F32 ? 4 : 2;
-        ev = dv == LLMKV_DTYPE_F32 ? 4 : 2;
-    }
-    row_k = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * ek;
-    row_v = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * ev;
-    r = llmkv__gpu_rows_ok(k, k_stride, row_k, ek);
-    if (r == LLMKV_OK) r = llmkv__gpu_rows_ok(v, v_stride, row_v, ev);
+    if (layer >= gpu->layout.n_layers || batch_index >= info.n_seqs) return LLMKV_ERR_OUT_OF_RANGE;
+    if ((uint64_t)pos + n_tokens > (uint64_t)info.seq_lens[batch_index]) return LLMKV_ERR_OUT_OF_RANGE;
+    dk = llmkv__gather_type(gpu->layout.k.dtype, dst_dtype); /* llmkv.h's rule, as llmkv_gather */
+    dv = llmkv__gather_type(gpu->layout.v.dtype, dst_dtype);
+    row_k = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * llmkv_dtype_size(dk);
+    row_v = (size_t)gpu->layout.n_kv_heads * gpu->layout.head_dim * llmkv_dtype_size(dv);
+    r = llmkv__rows(k, &k_stride, row_k, dk);
+    if (r == LLMKV_OK) r = llmkv__rows(v, &v_stride, row_v, dv);
     if (r != LLMKV_OK || n_tokens == 0 || (!k && !v)) return r;
     memset(&a, 0, sizeof a);
     a.pool = gpu->pool;
     a.g = gpu->geom;
     a.layer = layer;
     a.pos = pos;
-    {
-        int32_t first = 0;
-        /* The sequence's CSR offset: from the host copy of the batch. */
-        llmkv_batch_info info;
-        r = llmkv_batch_get(gpu->batch, &info);
-        if (r != LLMKV_OK) return r;
-        first = info.kv_indptr[batch_index];
-        a.pages = (const int32_t*)(gpu->dtab + gpu->tab.kv_indices) + first;
-    }
+    a.pages = (const int32_t*)(gpu->dtab + gpu->tab.kv_indices) + info.kv_indptr[batch_index];
     a.dst[0] = (unsigned char*)k;
     a.dst[1] = (unsigned char*)v;
-    a.dst_stride[0] = k_stride ? k_stride : row_k;
-    a.dst_stride[1] = v_stride ? v_stride : row_v;
-    a.dst_dtype = (int)dst_dtype;
+    a.dst_stride[0] = k_stride;
+    a.dst_stride[1] = v_stride;
+    a.dst_dtype[0] = (int)dk;
+    a.dst_dtype[1] = (int)dv;
     llmkv__dev_enter(gpu, &sc);
     {
         dim3 grid(n_tokens, gpu->layout.n_kv_heads, 2);
@@ -1355,6 +1326,7 @@ static uint32_t llmkv__gpu_splits(const llmkv_cuda* gpu, uint32_t rows, uint32_t
 
 LLMKV_API llmkv_result llmkv_cuda_decode(llmkv_cuda* gpu, const llmkv_attn_desc* d, llmkv_gpu_stream stream) {
     llmkv__dec_args a;
+    llmkv_batch_info info;
     llmkv_result r;
     uint32_t D, G, gb;
     size_t row_bytes;
@@ -1372,7 +1344,7 @@ LLMKV_API llmkv_result llmkv_cuda_decode(llmkv_cuda* gpu, const llmkv_attn_desc*
     if ((d->q_stride && d->q_stride < row_bytes) || (d->out_stride && d->out_stride < row_bytes))
         return LLMKV_ERR_BUFFER_TOO_SMALL;
     if (D != 64 && D != 80 && D != 96 && D != 128 && D != 256) return LLMKV_ERR_UNSUPPORTED;
-    r = llmkv__gpu_batch_ok(gpu);
+    r = llmkv__gpu_batch_ok(gpu, &info);
     if (r != LLMKV_OK || gpu->n_tokens == 0) return r;
     G = d->n_q_heads / gpu->layout.n_kv_heads;
     /* Query heads per block: up to LLMKV__DEC_MAX_GROUP of a KV head's G.
@@ -1429,6 +1401,11 @@ typedef struct llmkv__swap_header {
     uint64_t page_bytes, pages_offset;
 } llmkv__swap_header;
 
+/* Pages holding `length` positions. */
+static uint32_t llmkv__gpu_pages_for(const llmkv_cuda* gpu, uint32_t length) {
+    return (uint32_t)((length + (uint64_t)gpu->layout.page_size - 1) / gpu->layout.page_size);
+}
+
 static uint64_t llmkv__swap_pages_offset(const llmkv_cuda* gpu, uint32_t length) {
     uint64_t o = sizeof(llmkv__swap_header);
     if (gpu->cdesc.prefix_index) o += 4ull * length;
@@ -1439,7 +1416,7 @@ LLMKV_API llmkv_result llmkv_cuda_swap_size(const llmkv_cuda* gpu, uint32_t leng
     uint64_t n;
     if (bytes) *bytes = 0;
     if (!gpu || !bytes) return LLMKV_ERR_INVALID_ARGUMENT;
-    n = (length + (uint64_t)gpu->layout.page_size - 1) / gpu->layout.page_size;
+    n = llmkv__gpu_pages_for(gpu, length);
     *bytes = (size_t)(llmkv__swap_pages_offset(gpu, length) + n * gpu->layout.page_bytes);
     return LLMKV_OK;
 }
@@ -1536,7 +1513,7 @@ LLMKV_API llmkv_result llmkv_cuda_swap_out(llmkv_cuda* gpu, llmkv_seq seq, void*
     memset(&h, 0, sizeof h);
     memcpy(h.magic, "llmkvSW1", 8);
     h.length = length;
-    h.n_pages = (uint32_t)((length + (uint64_t)gpu->layout.page_size - 1) / gpu->layout.page_size);
+    h.n_pages = llmkv__gpu_pages_for(gpu, length);
     h.has_tokens = gpu->cdesc.prefix_index ? 1u : 0u;
     h.page_bytes = gpu->layout.page_bytes;
     h.pages_offset = llmkv__swap_pages_offset(gpu, length);
@@ -1577,7 +1554,7 @@ LLMKV_API llmkv_result llmkv_cuda_swap_in(llmkv_cuda* gpu, llmkv_seq seq, const 
     memcpy(&h, hb, sizeof h);
     if (memcmp(h.magic, "llmkvSW1", 8) != 0 || h.page_bytes != gpu->layout.page_bytes ||
         h.has_tokens != (gpu->cdesc.prefix_index ? 1u : 0u) ||
-        h.n_pages != (h.length + (uint64_t)gpu->layout.page_size - 1) / gpu->layout.page_size ||
+        h.n_pages != llmkv__gpu_pages_for(gpu, h.length) ||
         h.pages_offset != llmkv__swap_pages_offset(gpu, h.length))
         return LLMKV_ERR_BAD_FORMAT;
     (void)llmkv_cuda_swap_size(gpu, h.length, &need);
