@@ -1053,6 +1053,24 @@ LLMKV_API llmkv_result llmkv_threadpool_create(uint32_t n_threads, const llmkv_a
 /* Stops the workers and frees the pool. NULL is ignored. */
 LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool);
 
+/* How long a thread of the pool polls before it sleeps: a worker, for the
+   next call after finishing its part of one; the caller, for the workers
+   to finish. Waking a sleeping thread costs tens of microseconds (more on
+   virtual machines), about what a decode step over a short context takes,
+   so polling is what makes small calls faster on two threads than on one.
+   A worker that wakes late is not waited for: the work is handed out item
+   by item, and the threads present take it all (the results do not depend
+   on which thread computes what). The price is CPU time: after each call,
+   each worker keeps a core busy for up to the window, which an engine
+   running other threads on the same cores between calls may not want.
+   microseconds: 0 (never poll: sleep at once) .. 1000000; the default is
+   50. The window is approximate: on x86 it is measured with the time
+   stamp counter taken as 3 GHz (0.75x to 1.5x on current machines); on
+   compilers other than GCC and Clang the pool never polls.
+   Returns LLMKV_ERR_INVALID_ARGUMENT for a NULL pool or a longer window.
+   Thread safety: not during an llmkv_attend on the same pool. */
+LLMKV_API llmkv_result llmkv_threadpool_set_spin(llmkv_threadpool* pool, uint32_t microseconds);
+
 /* Computes attention for every query row of the batch, reading K/V straight
    from the pages. pool NULL: on the calling thread alone. The work split
    depends only on the batch and the thread count, so for a given count the
@@ -7174,6 +7192,13 @@ static uint64_t llmkv__attn_ws_floats(const llmkv__job* jb) {
     return n;
 }
 
+static void llmkv__run_unit(const llmkv__job* jb, const llmkv__unit* u, float* ws) {
+    if (u->tiled) llmkv__attend_tile(jb, u, u->n_splits > 1 ? ws + u->ws : NULL);
+    else llmkv__attend_unit(jb, u, u->n_splits > 1 ? ws + u->ws : NULL);
+}
+
+/* Thread ith's units, for llmkv_attend_part: contiguous runs of units by
+   cumulative cost, thread t taking the units that start in its t-th share. */
 static void llmkv__attn_part(const llmkv__job* jb, uint32_t ith, float* ws) {
     llmkv__walk w;
     uint64_t total = 0, before = 0;
@@ -7182,14 +7207,7 @@ static void llmkv__attn_part(const llmkv__job* jb, uint32_t ith, float* ws) {
     memset(&w, 0, sizeof w);
     while (llmkv__walk_next(jb, &w)) {
         uint64_t c = llmkv__unit_cost(jb, &w.u);
-        /* Contiguous runs of units by cumulative cost: thread t takes the
-           units that start in its t-th share. */
-        if (before * jb->nth / total == ith) {
-            if (w.u.tiled)
-                llmkv__attend_tile(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
-            else
-                llmkv__attend_unit(jb, &w.u, w.u.n_splits > 1 ? ws + w.u.ws : NULL);
-        }
+        if (before * jb->nth / total == ith) llmkv__run_unit(jb, &w.u, ws);
         before += c;
     }
 }
@@ -7257,23 +7275,128 @@ LLMKV_API llmkv_result llmkv_attend_merge(const llmkv_cache* cache, const llmkv_
 
 typedef void (*llmkv__task_fn)(void* arg, uint32_t ith);
 
+/* Waiting without sleeping: between tasks a worker polls for the next one,
+   and the caller polls for the workers to finish, for up to the pool's spin
+   window before sleeping on a condition variable. A futex wake-up takes
+   tens of microseconds (more on a virtual machine), which is the whole
+   cost of a small attention call. Shared fields are read with atomic
+   loads while polling, so every access to them is atomic (GCC/Clang
+   builtins); other compilers never poll. */
+#if !defined(LLMKV_NO_THREADS) && (defined(__GNUC__) || defined(__clang__))
+#define LLMKV__POLL 1
+#define LLMKV__LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LLMKV__STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define LLMKV__FETCH_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+#else
+#define LLMKV__LOAD(p) (*(p))
+#define LLMKV__STORE(p, v) (*(p) = (v))
+#endif
+#define LLMKV__DEFAULT_SPIN_US 50u
+
 struct llmkv_threadpool {
     llmkv_allocator alloc;
     uint32_t n;
     void* workspace;        /* split-K partials, grown on demand */
     size_t workspace_size;
+    uint32_t next;          /* the next work item of the running task (llmkv__pool_claim) */
+    uint64_t spin_ticks;    /* the spin window, in llmkv__ticks */
 #ifndef LLMKV_NO_THREADS
     pthread_t* threads;     /* n - 1 handles, then the workers' arguments */
     size_t threads_bytes;
     pthread_mutex_t mu;
     pthread_cond_t work, done;
     uint64_t generation;    /* bumped for every task */
-    uint32_t pending;       /* workers still running the task */
-    int stop;
+    uint32_t open;          /* workers may still join the task */
+    uint32_t active;        /* workers running the task */
+    uint32_t stop;
     llmkv__task_fn fn;
     void* arg;
 #endif
 };
+
+#ifdef LLMKV__POLL
+/* A time stamp counter for the spin window, and its ticks per microsecond:
+   the x86 TSC, taken to run at 3 GHz (current x86 TSCs run at 2 to 4 GHz,
+   so the window is within 0.75x to 1.5x of what was asked); the AArch64
+   virtual counter at its stated frequency; elsewhere a count of polls,
+   taken as 64 per microsecond. */
+#if defined(__x86_64__) || defined(__i386__)
+static uint64_t llmkv__ticks(void) { return __builtin_ia32_rdtsc(); }
+static uint64_t llmkv__ticks_per_us(void) { return 3000u; }
+static void llmkv__relax(void) { __builtin_ia32_pause(); }
+#elif defined(__aarch64__)
+static uint64_t llmkv__ticks(void) {
+    uint64_t t;
+    __asm__ __volatile__("mrs %0, cntvct_el0" : "=r"(t));
+    return t;
+}
+static uint64_t llmkv__ticks_per_us(void) {
+    uint64_t f;
+    __asm__ __volatile__("mrs %0, cntfrq_el0" : "=r"(f));
+    return f / 1000000u ? f / 1000000u : 1u;
+}
+static void llmkv__relax(void) { __asm__ __volatile__("yield" ::: "memory"); }
+#else
+#define LLMKV__TICKS_ARE_POLLS 1
+static uint64_t llmkv__ticks(void) { return 0; }
+static uint64_t llmkv__ticks_per_us(void) { return 64u; }
+static void llmkv__relax(void) {}
+#endif
+
+/* Polls until *word differs from `from` (or *stop is set) or the window of
+   `ticks` has passed; returns whether it did. */
+static int llmkv__poll_change(const uint64_t* word, uint64_t from, const uint32_t* stop, uint64_t ticks) {
+    uint64_t t0 = llmkv__ticks(), polls = 0;
+    for (;;) {
+        uint32_t i;
+        for (i = 0; i < 16; ++i) {
+            if (LLMKV__LOAD(word) != from || LLMKV__LOAD(stop)) return 1;
+            llmkv__relax();
+        }
+        polls++;
+#ifdef LLMKV__TICKS_ARE_POLLS
+        if (polls >= ticks) return 0;
+#else
+        if (llmkv__ticks() - t0 >= ticks) return 0;
+#endif
+    }
+}
+
+/* Polls until *count is 0 or the window of `ticks` has passed. */
+static void llmkv__poll_zero(const uint32_t* count, uint64_t ticks) {
+    uint64_t t0 = llmkv__ticks(), polls = 0;
+    for (;;) {
+        uint32_t i;
+        for (i = 0; i < 16; ++i) {
+            if (!LLMKV__LOAD(count)) return;
+            llmkv__relax();
+        }
+        polls++;
+#ifdef LLMKV__TICKS_ARE_POLLS
+        if (polls >= ticks) return;
+#else
+        if (llmkv__ticks() - t0 >= ticks) return;
+#endif
+    }
+}
+#endif
+
+/* The next work item of the running task, for whichever thread asks: the
+   task's threads take items in order until the count runs out, so a
+   thread that joins late (or never) leaves its share to the others. */
+static uint32_t llmkv__pool_claim(llmkv_threadpool* pool) {
+#ifdef LLMKV__POLL
+    return LLMKV__FETCH_ADD(&pool->next, 1u);
+#elif !defined(LLMKV_NO_THREADS)
+    uint32_t i;
+    pthread_mutex_lock(&pool->mu);
+    i = pool->next++;
+    pthread_mutex_unlock(&pool->mu);
+    return i;
+#else
+    return pool->next++;
+#endif
+}
 
 #ifndef LLMKV_NO_THREADS
 typedef struct llmkv__worker_arg { llmkv_threadpool* pool; uint32_t ith; } llmkv__worker_arg;
@@ -7285,37 +7408,61 @@ static void* llmkv__worker(void* p) {
     for (;;) {
         llmkv__task_fn fn;
         void* arg;
+#ifdef LLMKV__POLL
+        if (LLMKV__LOAD(&pool->spin_ticks))
+            llmkv__poll_change(&pool->generation, seen, &pool->stop, LLMKV__LOAD(&pool->spin_ticks));
+#endif
         pthread_mutex_lock(&pool->mu);
-        while (pool->generation == seen && !pool->stop) pthread_cond_wait(&pool->work, &pool->mu);
-        if (pool->stop) { pthread_mutex_unlock(&pool->mu); return NULL; }
-        seen = pool->generation;
+        while (LLMKV__LOAD(&pool->generation) == seen && !LLMKV__LOAD(&pool->stop))
+            pthread_cond_wait(&pool->work, &pool->mu);
+        if (LLMKV__LOAD(&pool->stop)) {
+            pthread_mutex_unlock(&pool->mu);
+            return NULL;
+        }
+        seen = LLMKV__LOAD(&pool->generation);
+        if (!LLMKV__LOAD(&pool->open)) { /* the others finished it already */
+            pthread_mutex_unlock(&pool->mu);
+            continue;
+        }
+        LLMKV__STORE(&pool->active, LLMKV__LOAD(&pool->active) + 1u);
         fn = pool->fn;
         arg = pool->arg;
         pthread_mutex_unlock(&pool->mu);
         fn(arg, ith);
         pthread_mutex_lock(&pool->mu);
-        if (--pool->pending == 0) pthread_cond_signal(&pool->done);
+        LLMKV__STORE(&pool->active, LLMKV__LOAD(&pool->active) - 1u);
+        if (LLMKV__LOAD(&pool->active) == 0) pthread_cond_signal(&pool->done);
         pthread_mutex_unlock(&pool->mu);
     }
 }
 #endif
 
-/* Runs fn(arg, ith) for every ith in 0..n-1, the caller taking 0, and
-   returns when all are done. */
+/* Runs fn(arg, ith) on the caller (ith 0) and on every worker that joins
+   before the caller's share is done, and returns when all of them are.
+   fn takes its work items through llmkv__pool_claim, so the items, and
+   therefore the results, do not depend on who joined. */
 static void llmkv__pool_run(llmkv_threadpool* pool, llmkv__task_fn fn, void* arg) {
-    (void)pool; /* unused without threads */
+    LLMKV__STORE(&pool->next, 0u);
 #ifndef LLMKV_NO_THREADS
     if (pool->n > 1) {
         pthread_mutex_lock(&pool->mu);
         pool->fn = fn;
         pool->arg = arg;
-        pool->pending = pool->n - 1;
-        pool->generation++;
+        LLMKV__STORE(&pool->open, 1u);
+        LLMKV__STORE(&pool->generation, LLMKV__LOAD(&pool->generation) + 1u);
         pthread_cond_broadcast(&pool->work);
         pthread_mutex_unlock(&pool->mu);
-        fn(arg, 0);
+        fn(arg, 0); /* returns once every item is taken */
         pthread_mutex_lock(&pool->mu);
-        while (pool->pending) pthread_cond_wait(&pool->done, &pool->mu);
+        LLMKV__STORE(&pool->open, 0u); /* no one joins from now on */
+#ifdef LLMKV__POLL
+        if (LLMKV__LOAD(&pool->active) && LLMKV__LOAD(&pool->spin_ticks)) {
+            pthread_mutex_unlock(&pool->mu);
+            llmkv__poll_zero(&pool->active, LLMKV__LOAD(&pool->spin_ticks));
+            pthread_mutex_lock(&pool->mu);
+        }
+#endif
+        while (LLMKV__LOAD(&pool->active)) pthread_cond_wait(&pool->done, &pool->mu);
         pthread_mutex_unlock(&pool->mu);
         return;
     }
@@ -7340,6 +7487,9 @@ LLMKV_API llmkv_result llmkv_threadpool_create(uint32_t n_threads, const llmkv_a
     memset(pool, 0, sizeof *pool);
     pool->alloc = a;
     pool->n = n_threads;
+#ifdef LLMKV__POLL
+    pool->spin_ticks = LLMKV__DEFAULT_SPIN_US * llmkv__ticks_per_us();
+#endif
 #ifndef LLMKV_NO_THREADS
     if (n_threads > 1) {
         /* One block: the thread handles, then each worker's argument. */
@@ -7388,7 +7538,7 @@ LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool) {
     if (pool->threads) {
         uint32_t i;
         pthread_mutex_lock(&pool->mu);
-        pool->stop = 1;
+        LLMKV__STORE(&pool->stop, 1u);
         pthread_cond_broadcast(&pool->work);
         pthread_mutex_unlock(&pool->mu);
         for (i = 0; i + 1 < pool->n; ++i) pthread_join(pool->threads[i], NULL);
@@ -7402,16 +7552,46 @@ LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool) {
     a.free(pool, sizeof *pool, a.user);
 }
 
-typedef struct llmkv__attn_task { const llmkv__job* jb; float* ws; } llmkv__attn_task;
+LLMKV_API llmkv_result llmkv_threadpool_set_spin(llmkv_threadpool* pool, uint32_t microseconds) {
+    if (!pool || microseconds > 1000000u) return LLMKV_ERR_INVALID_ARGUMENT;
+#ifdef LLMKV__POLL
+    LLMKV__STORE(&pool->spin_ticks, (uint64_t)microseconds * llmkv__ticks_per_us());
+#endif
+    return LLMKV_OK;
+}
 
+typedef struct llmkv__attn_task { const llmkv__job* jb; llmkv_threadpool* pool; float* ws; } llmkv__attn_task;
+
+/* The built-in pool's tasks: units (then split groups) in walk order, each
+   computed by whichever thread claims its number. A unit's result does not
+   depend on the thread that computes it, so the output is the same
+   whoever joins. */
 static void llmkv__task_part(void* arg, uint32_t ith) {
     const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
-    llmkv__attn_part(t->jb, ith, t->ws);
+    llmkv__walk w;
+    uint32_t i = 0, want = llmkv__pool_claim(t->pool);
+    (void)ith;
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(t->jb, &w))
+        if (i++ == want) {
+            llmkv__run_unit(t->jb, &w.u, t->ws);
+            want = llmkv__pool_claim(t->pool);
+        }
 }
 
 static void llmkv__task_merge(void* arg, uint32_t ith) {
     const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
-    llmkv__attn_merge(t->jb, ith, t->ws);
+    llmkv__walk w;
+    uint32_t i = 0, want = llmkv__pool_claim(t->pool);
+    (void)ith;
+    memset(&w, 0, sizeof w);
+    while (llmkv__walk_next(t->jb, &w)) {
+        if (w.u.n_splits <= 1 || w.u.split != 0) continue;
+        if (i++ == want) {
+            llmkv__merge_unit(t->jb, &w.u, t->ws);
+            want = llmkv__pool_claim(t->pool);
+        }
+    }
 }
 
 LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch* batch, const llmkv_attn_desc* desc,
@@ -7434,6 +7614,7 @@ LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch*
         pool->workspace_size = need;
     }
     task.jb = &jb;
+    task.pool = pool;
     task.ws = (float*)pool->workspace;
     llmkv__pool_run(pool, llmkv__task_part, &task);
     if (need) llmkv__pool_run(pool, llmkv__task_merge, &task);

@@ -1400,6 +1400,99 @@ static void test_attn_concurrent(tst* t) {
 #endif
 }
 
+/* The built-in pool hands units out one by one to whichever of its threads
+   asks (a worker that wakes late leaves its share to the others), so its
+   results must not depend on the schedule: for every spin window (0: the
+   workers sleep between calls and often join late; the longest: they poll)
+   and pools larger than the machine, each call must equal, bit for bit,
+   the same call through llmkv_attend_part / merge with nth = the pool's
+   size, run sequentially. Cases: a split decode (merge task), a ragged
+   batch, a prefill chunk. Then the spin window's bad arguments, and a pool
+   destroyed while its workers poll. */
+static void test_attn_pool_schedules(tst* t) {
+    static const uint32_t sizes[] = {1, 2, 3, 6};
+    static const uint32_t spins[] = {0, 200, 1000000};
+    tst_rng r;
+    int variant, calls = scaled(6, 2);
+    r.s = attn_seed(0x5C4EDull);
+    for (variant = 0; variant < 3; ++variant) {
+        acase c = base_case(64, 16, 2, 4, LLMKV_DTYPE_F16, variant == 1 ? LLMKV_DTYPE_BF16 : LLMKV_DTYPE_F16);
+        aenv e;
+        unsigned si, pi;
+        c.n_seqs = 1;
+        c.lens[0] = 1200;
+        c.qlens[0] = variant == 2 ? 40 : 1;
+        if (variant == 1) {
+            c.n_seqs = 5;
+            c.lens[1] = 3;
+            c.lens[2] = 700;
+            c.lens[3] = 64;
+            c.lens[4] = 129;
+            c.qlens[1] = c.qlens[2] = c.qlens[3] = 1;
+            c.qlens[4] = 7;
+        }
+        if (!env_setup(t, &e, &c, &r)) {
+            env_free(&e);
+            continue;
+        }
+        for (pi = 0; pi < sizeof sizes / sizeof sizes[0]; ++pi) {
+            llmkv_attn_desc d = env_desc(&e, LLMKV_CPU_PATH_AUTO);
+            llmkv_threadpool* pool = NULL;
+            amode ext;
+            size_t ws = 0, bytes = (e.out_floats + e.lse_floats) * sizeof(float);
+            float* want = (float*)malloc(bytes + sizeof(float));
+            llmkv_result res = llmkv_threadpool_create(sizes[pi], NULL, &pool);
+#ifdef LLMKV_NO_THREADS
+            if (sizes[pi] > 1) {
+                TST_EQ(t, res, LLMKV_ERR_UNSUPPORTED);
+                free(want);
+                continue;
+            }
+#endif
+            TST_EQ(t, res, LLMKV_OK);
+            if (res != LLMKV_OK || !want) {
+                free(want);
+                continue;
+            }
+            memset(&ext, 0, sizeof ext);
+            ext.kind = M_EXT;
+            ext.nth = sizes[pi];
+            fill_outputs_canary(&e);
+            TST_EQ(t, run_mode(t, &e, &d, &ext, &r, &ws), LLMKV_OK);
+            check_result(t, &e, LLMKV_CPU_PATH_AUTO, "part/merge", NULL);
+            memcpy(want, e.out, e.out_floats * sizeof(float));
+            memcpy(want + e.out_floats, e.lse, e.lse_floats * sizeof(float));
+            if (variant == 0 && sizes[pi] > 1) TST_CHECK(t, ws > 0); /* the decode is split: a merge task runs */
+            for (si = 0; si < sizeof spins / sizeof spins[0]; ++si) {
+                int k, same = 1;
+                TST_EQ(t, llmkv_threadpool_set_spin(pool, spins[si]), LLMKV_OK);
+                for (k = 0; k < calls; ++k) {
+                    fill_outputs_canary(&e);
+                    TST_EQ(t, llmkv_attend(e.kv, e.b, &d, pool), LLMKV_OK);
+                    same &= !memcmp(want, e.out, e.out_floats * sizeof(float)) &&
+                            !memcmp(want + e.out_floats, e.lse, e.lse_floats * sizeof(float));
+                }
+                if (!same)
+                    fprintf(stderr, "  pool of %u, spin %u us: differs from part/merge (variant %d)\n", sizes[pi],
+                            spins[si], variant);
+                TST_CHECK(t, same);
+            }
+            llmkv_threadpool_destroy(pool); /* with the longest window: its workers are polling now */
+            free(want);
+        }
+        env_free(&e);
+    }
+    {
+        llmkv_threadpool* pool = NULL;
+        TST_EQ(t, llmkv_threadpool_set_spin(NULL, 10), LLMKV_ERR_INVALID_ARGUMENT);
+        TST_EQ(t, llmkv_threadpool_create(1, NULL, &pool), LLMKV_OK);
+        TST_EQ(t, llmkv_threadpool_set_spin(pool, 1000001), LLMKV_ERR_INVALID_ARGUMENT);
+        TST_EQ(t, llmkv_threadpool_set_spin(pool, 1000000), LLMKV_OK);
+        TST_EQ(t, llmkv_threadpool_set_spin(pool, 0), LLMKV_OK);
+        llmkv_threadpool_destroy(pool);
+    }
+}
+
 /* A window of 16 over a 4000-token sequence: all but the last pages are
    masked for every row and hold NaN; the result must be the reference. */
 static void test_attn_window_skips_pages(tst* t) {
@@ -1721,6 +1814,7 @@ void suite_attn(tst* t) {
     TST_RUN(t, test_attn_window_skips_pages);
     TST_RUN(t, test_attn_threads);
     TST_RUN(t, test_attn_concurrent);
+    TST_RUN(t, test_attn_pool_schedules);
     TST_RUN(t, test_attn_random);
     if (t->verbose) print_worst();
 }
