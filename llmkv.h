@@ -1063,6 +1063,8 @@ LLMKV_API void llmkv_threadpool_destroy(llmkv_threadpool* pool);
    on which thread computes what). The price is CPU time: after each call,
    each worker keeps a core busy for up to the window, which an engine
    running other threads on the same cores between calls may not want.
+   A pool with more threads than the machine has cores should not poll
+   (window 0): its polling threads take turns the working ones need.
    microseconds: 0 (never poll: sleep at once) .. 1000000; the default is
    50. The window is approximate: on x86 it is measured with the time
    stamp counter taken as 3 GHz (0.75x to 1.5x on current machines); on
