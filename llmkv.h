@@ -4461,6 +4461,8 @@ LLMKV_API llmkv_cpu_path llmkv_cpu_path_auto(void) { return llmkv__cpu_auto(llmk
 #define LLMKV__TILE_SCORES 2048u    /* keys per chunk x rows at most */
 #define LLMKV__MAX_TILE_DIM 256u    /* head_dim of the tile path at most (a multiple of 8) */
 #define LLMKV__TILE_MIN_ROWS 16u    /* a sequence's rows per KV head for the tile path */
+#define LLMKV__LOG2E 1.44269504f     /* log2(e): tiles score in base 2 */
+#define LLMKV__LN2 0.693147181f      /* ln(2) */
 
 typedef void (*llmkv__qk_fn)(const float* q, uint32_t M, uint32_t D, const unsigned char* const* k, size_t koff,
                              const unsigned char* const* ks, size_t ksoff, uint32_t J, float* S, uint32_t sj,
@@ -5661,17 +5663,32 @@ static LLMKV__T512 void llmkv__tile_out_avx512(float* const* dst, uint32_t M, co
     }
 }
 
-/* exp(x) for x <= 0 or NaN (a score minus its row's maximum), as
-   llmkv__exp512 computes it: below -110 the result underflows to exactly 0
-   (exp(-inf) is 0), so no mask is needed; NaN stays NaN. */
-LLMKV__I512 __m512 llmkv__exp512_neg(__m512 x) {
-    return llmkv__exp512_core(_mm512_max_ps(_mm512_set1_ps(-110.0f), x));
+/* 2^x for x <= 0 or NaN (a score minus its row's maximum, in base 2: the
+   tile path scales its queries by log2(e)): x = n + r, |r| <= 1/2, a
+   degree-6 polynomial in r (the series of e^(r ln 2)), scaled by 2^n.
+   Below -160 the result underflows to exactly 0 (2^-inf is 0), so no mask
+   is needed; NaN stays NaN. Two operations fewer than exp: no multiply by
+   log2(e), and r needs no two-part ln 2. */
+LLMKV__I512 __m512 llmkv__exp2_512_neg(__m512 x) {
+    __m512 n, r, p;
+    x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x); /* NaN stays NaN */
+    n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_sub_ps(x, n);
+    p = _mm512_set1_ps(1.540353040e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.333355815e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618129108e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550410866e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402265070e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931471806e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
-/* The online-softmax step of a tile over scores ST[j][r], j < J (keys k + j):
+/* The online-softmax step of a tile over scores ST[j][r], j < J (keys k + j),
+   in base 2 (scores and maximums are log2(e) times the natural ones):
    masks keys outside [lo[r], hi[r]) unless `whole`, turns scores into
-   exp(s - m) with m the row's new running maximum, updates mx and l, and
-   sets alpha[r] = exp(old m - new m), the factor accT must be scaled by.
+   2^(s - m) with m the row's new running maximum, updates mx and l, and
+   sets alpha[r] = 2^(old m - new m), the factor accT must be scaled by.
    Returns 0 when every alpha is 1 (nothing to rescale). A row with no
    visible key so far keeps max -inf, sum 0 and alpha 0. */
 static LLMKV__T512 int llmkv__tile_soft_avx512(float* ST, uint32_t RB, uint32_t J, uint32_t k, const uint32_t* lo,
@@ -5695,9 +5712,9 @@ static LLMKV__T512 int llmkv__tile_soft_avx512(float* ST, uint32_t RB, uint32_t 
             for (j = 0; j < J; ++j) m = _mm512_max_ps(m, _mm512_load_ps(s + (size_t)j * Mp));
         newm = _mm512_max_ps(mo, m);
         base = _mm512_mask_mov_ps(newm, _mm512_cmp_ps_mask(newm, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
-        a = llmkv__exp512_neg(_mm512_sub_ps(mo, base));
+        a = llmkv__exp2_512_neg(_mm512_sub_ps(mo, base));
         for (j = 0; j < J; ++j) {
-            __m512 e = llmkv__exp512_neg(_mm512_sub_ps(_mm512_load_ps(s + (size_t)j * Mp), base));
+            __m512 e = llmkv__exp2_512_neg(_mm512_sub_ps(_mm512_load_ps(s + (size_t)j * Mp), base));
             _mm512_store_ps(s + (size_t)j * Mp, e);
             sum = _mm512_add_ps(sum, e);
         }
@@ -7017,6 +7034,7 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
     float *VS = llmkv__align64f(vbuf), *KS = llmkv__align64f(kbuf), *mx = llmkv__align64f(mbuf);
     float *l = mx + LLMKV__TILE_ROWS, *alpha = l + LLMKV__TILE_ROWS;
     llmkv_dtype kt = ly->k.dtype, vt = ly->v.dtype;
+    float cap2 = jb->cap * LLMKV__LOG2E; /* cap tanh(s / cap), s and cap in base 2 */
 
     for (r = 0; r < Mp; ++r) { /* rows past M repeat the last one (results unused) */
         uint32_t rr = r < M ? r : M - 1, t = u->t0 + rr / HS, h = jb->G * kvh + u->h0 + rr % HS;
@@ -7032,7 +7050,7 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
         l[r] = 0.0f;
     }
     for (r = 0; r < Mp; ++r) qi[r] = jb->d->q + row[r];
-    jb->kern.tile_in(QT, RB, D, qi, jb->scale);
+    jb->kern.tile_in(QT, RB, D, qi, jb->scale * LLMKV__LOG2E); /* scores in base 2 */
     memset(accT, 0, (size_t)D * Mp * sizeof(float));
 
     J = llmkv__tile_ptrs(jb, pages, kvh, kmin, kmax, kp, vp, ksp, vsp);
@@ -7044,8 +7062,8 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
         /* QK prefetches the next chunk's values, PV its keys (read first) */
         jb->kern.tile_qk(QT, RB, D, kt, kp + cur, 0, jb->scaled ? ksp + cur : NULL, 0, J, ST, KS, vp + at, Jn,
                          vrow_bytes);
-        if (jb->cap > 0.0f)
-            for (j = 0; j < J * Mp; ++j) ST[j] = jb->cap * tanhf(ST[j] / jb->cap);
+        if (cap2 > 0.0f)
+            for (j = 0; j < J * Mp; ++j) ST[j] = cap2 * tanhf(ST[j] / cap2);
         rescale = jb->kern.tile_soft(ST, RB, J, k, lo, hi, whole, mx, l, alpha);
         jb->kern.tile_pv(ST, RB, D, vt, vp + cur, 0, jb->scaled ? vsp + cur : NULL, 0, J, accT, alpha, rescale, VS,
                          kp + at, Jn, krow_bytes);
@@ -7054,16 +7072,17 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
 
     for (r = 0; r < M; ++r) { /* where each row goes, and by what it is divided */
         uint32_t t = u->t0 + r / HS, h = jb->G * kvh + u->h0 + r % HS;
+        float m = mx[r] * LLMKV__LN2; /* the running maximum, back to base e (-inf stays) */
         if (partial) {
             row[r] = (size_t)r * (D + 2);
-            partial[row[r] + D] = mx[r];
+            partial[row[r] + D] = m;
             partial[row[r] + D + 1] = l[r];
             alpha[r] = 1.0f;
         } else {
             row[r] = (size_t)(row0 + t) * jb->out_stride + (size_t)h * D;
             alpha[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
             if (jb->d->lse)
-                jb->d->lse[(size_t)(row0 + t) * (jb->G * ly->n_kv_heads) + h] = l[r] > 0.0f ? mx[r] + logf(l[r]) : -INFINITY;
+                jb->d->lse[(size_t)(row0 + t) * (jb->G * ly->n_kv_heads) + h] = l[r] > 0.0f ? m + logf(l[r]) : -INFINITY;
         }
     }
     for (r = 0; r < M; ++r) io[r] = (partial ? partial : jb->d->out) + row[r];
