@@ -6724,24 +6724,37 @@ typedef struct llmkv__seq_keys {
     const unsigned char* stage;
 } llmkv__seq_keys;
 
+/* Row pointers of keys [k, k + J) at KV head kvh: K and V, and their scale
+   rows when the job has scales. The K rows of the page that sk stages at
+   F16 (Q4C) point into the stage. Page and slot are stepped, not divided. */
+static void llmkv__key_rows(const llmkv__job* jb, const llmkv__seq_keys* sk, uint32_t kvh, uint32_t k, uint32_t J,
+                            const unsigned char** kp, const unsigned char** vp, const unsigned char** ksp,
+                            const unsigned char** vsp) {
+    const llmkv_layout* ly = &jb->kv->layout;
+    uint32_t page = k / ly->page_size, slot = k % ly->page_size, j;
+    size_t kh = (size_t)kvh * ly->k.head_stride, vh = (size_t)kvh * ly->v.head_stride;
+    for (j = 0; j < J; ++j) {
+        size_t at = (size_t)sk->pages[page] * ly->page_bytes;
+        kp[j] = page == sk->stage_page ? sk->stage + ((size_t)kvh * ly->page_size + slot) * ly->head_dim * 2
+                                       : jb->k_base + at + kh + slot * ly->k.slot_stride;
+        vp[j] = jb->v_base + at + vh + slot * ly->v.slot_stride;
+        if (jb->scaled) {
+            ksp[j] = jb->ks_base + at + (size_t)kvh * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
+            vsp[j] = jb->vs_base + at + (size_t)kvh * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
+        }
+        if (++slot == ly->page_size) {
+            slot = 0;
+            page++;
+        }
+    }
+}
+
 /* Fills entries [at, at + J) of the row pointers with keys [k, min(k +
    CHUNK, kmax)); returns J (0 past the end). */
 static uint32_t llmkv__chunk_rows(const llmkv__job* jb, const llmkv__unit* u, const llmkv__seq_keys* sk, uint32_t k,
                                   uint32_t kmax, llmkv__chunk_ptrs* rw, uint32_t at) {
-    const llmkv_layout* ly = &jb->kv->layout;
-    uint32_t J = k < kmax ? (kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK) : 0, j;
-    for (j = 0; j < J; ++j) {
-        uint64_t page = (uint64_t)sk->pages[(k + j) / ly->page_size] * ly->page_bytes;
-        uint32_t slot = (k + j) % ly->page_size;
-        rw->k[at + j] = (k + j) / ly->page_size == sk->stage_page
-                            ? sk->stage + ((size_t)u->kvh0 * ly->page_size + slot) * ly->head_dim * 2
-                            : jb->k_base + page + (size_t)u->kvh0 * ly->k.head_stride + slot * ly->k.slot_stride;
-        rw->v[at + j] = jb->v_base + page + (size_t)u->kvh0 * ly->v.head_stride + slot * ly->v.slot_stride;
-        if (jb->scaled) {
-            rw->ks[at + j] = jb->ks_base + page + (size_t)u->kvh0 * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
-            rw->vs[at + j] = jb->vs_base + page + (size_t)u->kvh0 * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
-        }
-    }
+    uint32_t J = k < kmax ? (kmax - k < LLMKV__ATTN_CHUNK ? kmax - k : LLMKV__ATTN_CHUNK) : 0;
+    llmkv__key_rows(jb, sk, u->kvh0, k, J, rw->k + at, rw->v + at, rw->ks + at, rw->vs + at);
     return J;
 }
 
@@ -6983,27 +6996,13 @@ LLMKV__NOINLINE void llmkv__attend_unit(const llmkv__job* jb, const llmkv__unit*
 /* p rounded up to a multiple of 64 bytes (p has 16 floats to spare). */
 static float* llmkv__align64f(float* p) { return p + ((64u - (uint32_t)((uintptr_t)p % 64u)) % 64u) / 4u; }
 
-/* Row pointers (K, V, and their scale rows when the job has scales) of
-   keys [k, min(k + tile_keys, kmax)) at KV head kvh; returns their count. */
-static uint32_t llmkv__tile_ptrs(const llmkv__job* jb, const int32_t* pages, uint32_t kvh, uint32_t k, uint32_t kmax,
-                                 const unsigned char** kp, const unsigned char** vp, const unsigned char** ksp,
-                                 const unsigned char** vsp) {
-    const llmkv_layout* ly = &jb->kv->layout;
-    uint32_t J = k < kmax ? (kmax - k < jb->tile_keys ? kmax - k : jb->tile_keys) : 0, page = k / ly->page_size,
-             slot = k % ly->page_size, j;
-    for (j = 0; j < J; ++j) {
-        size_t at = (size_t)pages[page] * ly->page_bytes;
-        kp[j] = jb->k_base + at + (size_t)kvh * ly->k.head_stride + slot * ly->k.slot_stride;
-        vp[j] = jb->v_base + at + (size_t)kvh * ly->v.head_stride + slot * ly->v.slot_stride;
-        if (jb->scaled) {
-            ksp[j] = jb->ks_base + at + (size_t)kvh * ly->k.scale_head_stride + slot * ly->k.scale_slot_stride;
-            vsp[j] = jb->vs_base + at + (size_t)kvh * ly->v.scale_head_stride + slot * ly->v.scale_slot_stride;
-        }
-        if (++slot == ly->page_size) {
-            slot = 0;
-            page++;
-        }
-    }
+/* Row pointers of keys [k, min(k + tile_keys, kmax)) at KV head kvh (as
+   llmkv__key_rows); returns their count. */
+static uint32_t llmkv__tile_ptrs(const llmkv__job* jb, const llmkv__seq_keys* sk, uint32_t kvh, uint32_t k,
+                                 uint32_t kmax, const unsigned char** kp, const unsigned char** vp,
+                                 const unsigned char** ksp, const unsigned char** vsp) {
+    uint32_t J = k < kmax ? (kmax - k < jb->tile_keys ? kmax - k : jb->tile_keys) : 0;
+    llmkv__key_rows(jb, sk, kvh, k, J, kp, vp, ksp, vsp);
     return J;
 }
 
@@ -7025,7 +7024,7 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
     const unsigned char *ksp[2 * LLMKV__TILE_MAX_KEYS], *vsp[2 * LLMKV__TILE_MAX_KEYS]; /* then the next one's */
     const llmkv_layout* ly = &jb->kv->layout;
     const llmkv_batch* b = jb->b;
-    const int32_t* pages = b->kv_indices + b->kv_indptr[u->seq];
+    llmkv__seq_keys sk; /* tiles never take Q4C keys: nothing staged */
     uint32_t D = jb->D, HS = u->h1 - u->h0, M = (u->t1 - u->t0) * HS, RB = (M + 15) / 16, Mp = 16 * RB;
     uint32_t L = (uint32_t)b->seq_lens[u->seq], q_len = llmkv__q_len(b, u->seq), row0 = (uint32_t)b->qo_indptr[u->seq];
     uint32_t kvh = u->kvh0, r, j, k, J, Jn, cur = 0, kmin = 0xffffffffu, kmax = 0;
@@ -7035,6 +7034,10 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
     float *l = mx + LLMKV__TILE_ROWS, *alpha = l + LLMKV__TILE_ROWS;
     llmkv_dtype kt = ly->k.dtype, vt = ly->v.dtype;
     float cap2 = jb->cap * LLMKV__LOG2E; /* cap tanh(s / cap), s and cap in base 2 */
+
+    sk.pages = b->kv_indices + b->kv_indptr[u->seq];
+    sk.stage_page = LLMKV__NO_SLOT;
+    sk.stage = NULL;
 
     for (r = 0; r < Mp; ++r) { /* rows past M repeat the last one (results unused) */
         uint32_t rr = r < M ? r : M - 1, t = u->t0 + rr / HS, h = jb->G * kvh + u->h0 + rr % HS;
@@ -7053,11 +7056,11 @@ LLMKV__NOINLINE void llmkv__attend_tile(const llmkv__job* jb, const llmkv__unit*
     jb->kern.tile_in(QT, RB, D, qi, jb->scale * LLMKV__LOG2E); /* scores in base 2 */
     memset(accT, 0, (size_t)D * Mp * sizeof(float));
 
-    J = llmkv__tile_ptrs(jb, pages, kvh, kmin, kmax, kp, vp, ksp, vsp);
+    J = llmkv__tile_ptrs(jb, &sk, kvh, kmin, kmax, kp, vp, ksp, vsp);
     for (k = kmin; k < kmax; k += J, J = Jn) {
         int whole = 1, rescale;
         uint32_t at = cur ^ LLMKV__TILE_MAX_KEYS; /* the next chunk's rows, prefetched now */
-        Jn = llmkv__tile_ptrs(jb, pages, kvh, k + J, kmax, kp + at, vp + at, ksp + at, vsp + at);
+        Jn = llmkv__tile_ptrs(jb, &sk, kvh, k + J, kmax, kp + at, vp + at, ksp + at, vsp + at);
         for (r = 0; r < M; ++r) whole &= lo[r] <= k && k + J <= hi[r];
         /* QK prefetches the next chunk's values, PV its keys (read first) */
         jb->kern.tile_qk(QT, RB, D, kt, kp + cur, 0, jb->scaled ? ksp + cur : NULL, 0, J, ST, KS, vp + at, Jn,
