@@ -1407,20 +1407,21 @@ static void test_attn_concurrent(tst* t) {
    and pools larger than the machine, each call must equal, bit for bit,
    the same call through llmkv_attend_part / merge with nth = the pool's
    size, run sequentially. Cases: a split decode (merge task), a ragged
-   batch, a prefill chunk. Then the spin window's bad arguments, and a pool
-   destroyed while its workers poll. */
+   batch, a prefill chunk, and a decode too small to hand to the workers
+   (the caller computes it alone). Then the spin window's bad arguments,
+   and a pool destroyed while its workers poll. */
 static void test_attn_pool_schedules(tst* t) {
     static const uint32_t sizes[] = {1, 2, 3, 6};
     static const uint32_t spins[] = {0, 200, 1000000};
     tst_rng r;
     int variant, calls = scaled(6, 2);
     r.s = attn_seed(0x5C4EDull);
-    for (variant = 0; variant < 3; ++variant) {
+    for (variant = 0; variant < 4; ++variant) {
         acase c = base_case(64, 16, 2, 4, LLMKV_DTYPE_F16, variant == 1 ? LLMKV_DTYPE_BF16 : LLMKV_DTYPE_F16);
         aenv e;
         unsigned si, pi;
         c.n_seqs = 1;
-        c.lens[0] = 1200;
+        c.lens[0] = variant == 3 ? 20 : 1200;
         c.qlens[0] = variant == 2 ? 40 : 1;
         if (variant == 1) {
             c.n_seqs = 5;
