@@ -7372,41 +7372,41 @@ static uint64_t llmkv__ticks_per_us(void) { return 64u; }
 static void llmkv__relax(void) {}
 #endif
 
+/* Whether the window of `ticks` that began at t0 has passed; *polls counts
+   the calls, the clock where there is no counter. */
+static int llmkv__window_over(uint64_t t0, uint64_t* polls, uint64_t ticks) {
+#ifdef LLMKV__TICKS_ARE_POLLS
+    (void)t0;
+    return ++*polls >= ticks;
+#else
+    (void)polls;
+    return llmkv__ticks() - t0 >= ticks;
+#endif
+}
+
 /* Polls until *word differs from `from` (or *stop is set) or the window of
-   `ticks` has passed; returns whether it did. */
-static int llmkv__poll_change(const uint64_t* word, uint64_t from, const uint32_t* stop, uint64_t ticks) {
+   `ticks` has passed. */
+static void llmkv__poll_change(const uint64_t* word, uint64_t from, const uint32_t* stop, uint64_t ticks) {
     uint64_t t0 = llmkv__ticks(), polls = 0;
-    for (;;) {
+    do {
         uint32_t i;
         for (i = 0; i < 16; ++i) {
-            if (LLMKV__LOAD(word) != from || LLMKV__LOAD(stop)) return 1;
+            if (LLMKV__LOAD(word) != from || LLMKV__LOAD(stop)) return;
             llmkv__relax();
         }
-        polls++;
-#ifdef LLMKV__TICKS_ARE_POLLS
-        if (polls >= ticks) return 0;
-#else
-        if (llmkv__ticks() - t0 >= ticks) return 0;
-#endif
-    }
+    } while (!llmkv__window_over(t0, &polls, ticks));
 }
 
 /* Polls until *count is 0 or the window of `ticks` has passed. */
 static void llmkv__poll_zero(const uint32_t* count, uint64_t ticks) {
     uint64_t t0 = llmkv__ticks(), polls = 0;
-    for (;;) {
+    do {
         uint32_t i;
         for (i = 0; i < 16; ++i) {
             if (!LLMKV__LOAD(count)) return;
             llmkv__relax();
         }
-        polls++;
-#ifdef LLMKV__TICKS_ARE_POLLS
-        if (polls >= ticks) return;
-#else
-        if (llmkv__ticks() - t0 >= ticks) return;
-#endif
-    }
+    } while (!llmkv__window_over(t0, &polls, ticks));
 }
 #endif
 
