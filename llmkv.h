@@ -7593,36 +7593,31 @@ LLMKV_API llmkv_result llmkv_threadpool_set_spin(llmkv_threadpool* pool, uint32_
 
 typedef struct llmkv__attn_task { const llmkv__job* jb; llmkv_threadpool* pool; float* ws; } llmkv__attn_task;
 
-/* The built-in pool's tasks: units (then split groups) in walk order, each
-   computed by whichever thread claims its number. A unit's result does not
-   depend on the thread that computes it, so the output is the same
-   whoever joins. */
-static void llmkv__task_part(void* arg, uint32_t ith) {
-    const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
+/* The built-in pool's tasks: units (merge: split groups) in walk order,
+   each computed by whichever thread claims its number. A unit's result
+   does not depend on the thread that computes it, so the output is the
+   same whoever joins. */
+static void llmkv__task_claimed(const llmkv__attn_task* t, int merge) {
     llmkv__walk w;
     uint32_t i = 0, want = llmkv__pool_claim(t->pool);
-    (void)ith;
     memset(&w, 0, sizeof w);
-    while (llmkv__walk_next(t->jb, &w))
-        if (i++ == want) {
-            llmkv__run_unit(t->jb, &w.u, t->ws);
-            want = llmkv__pool_claim(t->pool);
-        }
+    while (llmkv__walk_next(t->jb, &w)) {
+        if (merge && (w.u.n_splits <= 1 || w.u.split != 0)) continue;
+        if (i++ != want) continue;
+        if (merge) llmkv__merge_unit(t->jb, &w.u, t->ws);
+        else llmkv__run_unit(t->jb, &w.u, t->ws);
+        want = llmkv__pool_claim(t->pool);
+    }
+}
+
+static void llmkv__task_part(void* arg, uint32_t ith) {
+    (void)ith;
+    llmkv__task_claimed((const llmkv__attn_task*)arg, 0);
 }
 
 static void llmkv__task_merge(void* arg, uint32_t ith) {
-    const llmkv__attn_task* t = (const llmkv__attn_task*)arg;
-    llmkv__walk w;
-    uint32_t i = 0, want = llmkv__pool_claim(t->pool);
     (void)ith;
-    memset(&w, 0, sizeof w);
-    while (llmkv__walk_next(t->jb, &w)) {
-        if (w.u.n_splits <= 1 || w.u.split != 0) continue;
-        if (i++ == want) {
-            llmkv__merge_unit(t->jb, &w.u, t->ws);
-            want = llmkv__pool_claim(t->pool);
-        }
-    }
+    llmkv__task_claimed((const llmkv__attn_task*)arg, 1);
 }
 
 LLMKV_API llmkv_result llmkv_attend(const llmkv_cache* cache, const llmkv_batch* batch, const llmkv_attn_desc* desc,
